@@ -1,2 +1,16 @@
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""ComfyUI glue. Host modules are imported only when the host runs the pack."""
+from .ipadapter_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+
+def _register_with_host() -> None:
+    try:
+        import folder_paths  # noqa: F401  (present only inside ComfyUI)
+    except ImportError:
+        return
+    from .loaders import register_folder
+    register_folder()
+
+
+_register_with_host()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,121 @@
+"""Applying an adapter to a host model: every check first, then one clone and one install,
+so a bad input never leaves a half-patched model behind."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .encode import COMBINE_METHODS, encode_images, image_tokens
+from .patch import AppliedAdapter, install
+from .schedules import EMBEDS_SCALING, resolve_site_weights
+from .unet_sites import unet_attn2_sites
+
+ADDITIONAL_MODELS_KEY = "ipadapter_fused"
+MIDDLE_BLOCK = ("patch", "skip (IPAdapter_plus compatible)")
+
+
+def _describe_model(sites) -> str:
+    n, ctx = len(sites), sites[0].context_dim if sites else 0
+    known = {(16, 768): "an SD1.5 model", (16, 1024): "an SD2 model", (70, 2048): "an SDXL model"}
+    name = known.get((n, ctx), "this model")
+    return f"{name} ({n} cross-attention layers, context width {ctx})"
+
+
+def check_adapter_fits(spec, sites) -> None:
+    """Raise a ValueError naming the mismatch and what would fit."""
+    if not sites:
+        raise ValueError("this model has no cross-attention layers to patch")
+    widths = tuple(s.width for s in sites)
+    ctx = {s.context_dim for s in sites}
+    if spec.num_layers != len(sites) or spec.context_dim not in ctx or tuple(spec.layer_dims) != widths:
+        made_for = {"sd15": "SD1.5", "sdxl": "SDXL"}.get(spec.arch_hint or "", "another model")
+        raise ValueError(
+            f"this IP-Adapter was made for {made_for} ({spec.num_layers} cross-attention layers, context "
+            f"width {spec.context_dim}), but it is applied to {_describe_model(sites)}. "
+            f"Use an adapter trained for the loaded model (e.g. ip-adapter_sd15 for SD1.5, "
+            f"ip-adapter_sdxl_vit-h for SDXL)."
+        )
+
+
+def _check_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3 or mask.numel() == 0:
+        raise ValueError(f"attn_mask must be a MASK of shape (H, W) or (N, H, W), got {tuple(mask.shape)}")
+    if not torch.isfinite(mask).all():
+        raise ValueError("attn_mask contains NaN or infinite values")
+    return mask.float().cpu()
+
+
+def _release_wrapper(entry: AppliedAdapter):
+    def wrapper(executor, *args, **kwargs):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            entry.release()
+    return wrapper
+
+
+def apply_adapter(
+    model,
+    adapter,                 # nodes.loaders.LoadedAdapter
+    clip_vision,
+    image: torch.Tensor,
+    weight: float = 1.0,
+    weight_type: str = "linear",
+    start_at: float = 0.0,
+    end_at: float = 1.0,
+    combine_embeds: str = "concat",
+    embeds_scaling: str = "V only",
+    middle_block: str = "patch",
+    image_negative: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    layer_weights: str = "",
+    weight_composition: float = 1.0,
+):
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    if embeds_scaling not in EMBEDS_SCALING:
+        raise ValueError(f"unknown embeds_scaling {embeds_scaling!r}; choose one of: {', '.join(EMBEDS_SCALING)}")
+    if combine_embeds not in COMBINE_METHODS:
+        raise ValueError(f"unknown combine_embeds {combine_embeds!r}; choose one of: {', '.join(COMBINE_METHODS)}")
+    if middle_block not in MIDDLE_BLOCK:
+        raise ValueError(f"unknown middle_block {middle_block!r}; choose one of: {', '.join(MIDDLE_BLOCK)}")
+    if not 0.0 <= start_at <= end_at <= 1.0:
+        raise ValueError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in [0, 1]")
+    if clip_vision is None:
+        raise ValueError("no CLIP vision model connected: load the one the adapter needs with a CLIP Vision loader")
+
+    spec = adapter.spec
+    sites = unet_attn2_sites(model.get_model_object("diffusion_model"))
+    check_adapter_fits(spec, sites)
+    site_weights = resolve_site_weights(sites, weight_type, weight, weight_composition, layer_weights)
+    mask = _check_mask(attn_mask)
+
+    pos, neg = encode_images(clip_vision, spec, image, image_negative)
+    mm.load_models_gpu([adapter.patcher])
+    param = next(adapter.weights.parameters())
+    tokens = image_tokens(adapter.weights, pos.to(param.device, param.dtype), neg.to(param.device, param.dtype),
+                          combine_embeds)
+    tokens = tokens.to(mm.intermediate_device())
+
+    sampling = model.get_model_object("model_sampling")
+    skip = frozenset(s.key for s in sites if s.block == "middle") if middle_block != "patch" else frozenset()
+    entry = AppliedAdapter(
+        adapter.weights, tokens, site_weights,
+        sigma_start=sampling.percent_to_sigma(start_at),
+        sigma_end=sampling.percent_to_sigma(end_at),
+        embeds_scaling=embeds_scaling,
+        mask=mask,
+    )
+
+    patched = model.clone()
+    patched.model_options["transformer_options"] = install(patched.model_options, sites, entry, skip)
+    others = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+    patched.set_additional_models(ADDITIONAL_MODELS_KEY, others + [adapter.patcher])
+    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY, _release_wrapper(entry))
+    return patched

@@ -1,0 +1,132 @@
+"""Node classes: declarations and thin calls into apply.py / loaders.py. No state."""
+from __future__ import annotations
+
+from .apply import MIDDLE_BLOCK, apply_adapter
+from .encode import COMBINE_METHODS
+from .loaders import FOLDER, load_adapter, load_clip_vision
+from .schedules import EMBEDS_SCALING, WEIGHT_TYPES
+
+CATEGORY = "ipadapter_fused"
+ADAPTER_TYPE = "IPADAPTER_FUSED"
+
+
+def _files(folder: str) -> list[str]:
+    import folder_paths
+    return folder_paths.get_filename_list(folder)
+
+
+def _common_widgets():
+    return {
+        "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
+                             "tooltip": "Strength of the image prompt. Negative values push away from the image."}),
+        "weight_type": (list(WEIGHT_TYPES), {"default": "linear",
+                        "tooltip": "How the weight is spread over the UNet's layers. 'style transfer' and "
+                                   "'composition' use only the layers that carry style or layout; 'custom' "
+                                   "takes the factors from layer_weights."}),
+        "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                               "tooltip": "Fraction of the sampling schedule at which the image prompt starts acting."}),
+        "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                             "tooltip": "Fraction of the sampling schedule after which the image prompt stops acting."}),
+    }
+
+
+class IPAdapterFusedLoader:
+    DESCRIPTION = "Loads an IP-Adapter checkpoint from models/ipadapter. The family is detected from its contents."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ADAPTER_TYPE,)
+    RETURN_NAMES = ("ipadapter",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ipadapter_file": (_files(FOLDER), {"tooltip": "An IP-Adapter .safetensors or .bin file from models/ipadapter."}),
+        }}
+
+    def load(self, ipadapter_file):
+        return (load_adapter(ipadapter_file),)
+
+
+class IPAdapterFusedApply:
+    DESCRIPTION = ("Adds an image prompt to the model's cross-attention (decoupled cross-attention). "
+                   "Several of these nodes can be chained on one model.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        widgets = _common_widgets()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to add the image prompt to."}),
+                "ipadapter": (ADAPTER_TYPE, {"tooltip": "The adapter from 'IPAdapter Loader (Fused)'."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision encoder the adapter was trained with "
+                                                           "(most use ViT-H/14; vit-G adapters use ViT-bigG/14)."}),
+                "image": ("IMAGE", {"tooltip": "Reference image(s). Several images are merged as combine_embeds says."}),
+                **widgets,
+                "combine_embeds": (list(COMBINE_METHODS), {"default": "concat",
+                                   "tooltip": "How several reference images are merged: concat keeps all their tokens, "
+                                              "the others merge the embeddings into one."}),
+                "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only",
+                                   "tooltip": "Where the weight is applied: to the attention output (V only) or to the "
+                                              "image keys and values (K+V variants, stronger at high weights)."}),
+                "middle_block": (list(MIDDLE_BLOCK), {"default": "patch",
+                                 "tooltip": "'patch' applies the image prompt to every cross-attention layer, as the "
+                                            "original IP-Adapter does. 'skip' leaves the middle block out, which "
+                                            "reproduces ComfyUI_IPAdapter_plus pictures exactly."}),
+            },
+            "optional": {
+                "image_negative": ("IMAGE", {"tooltip": "Optional negative reference; by default a black image "
+                                                        "(hidden-state adapters) or zero embeddings."}),
+                "attn_mask": ("MASK", {"tooltip": "Optional region of the picture the image prompt acts on."}),
+                "layer_weights": ("STRING", {"default": "", "multiline": False,
+                                  "tooltip": "For weight_type 'custom': 'index:factor' pairs by transformer index "
+                                             "(SD1.5 0-15, SDXL 0-10), e.g. '3:1.0, 6:1.0'. Overrides the weight type "
+                                             "when filled in."}),
+                "weight_composition": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
+                                       "tooltip": "Weight of the composition layers for 'style and composition'."}),
+            },
+        }
+
+    def apply(self, model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
+              combine_embeds, embeds_scaling, middle_block, image_negative=None, attn_mask=None,
+              layer_weights="", weight_composition=1.0):
+        return (apply_adapter(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
+                              combine_embeds, embeds_scaling, middle_block, image_negative, attn_mask,
+                              layer_weights, weight_composition),)
+
+
+class IPAdapterFusedSimple:
+    DESCRIPTION = "All in one: loads the adapter and the CLIP vision model by name and applies the image prompt."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to add the image prompt to."}),
+            "image": ("IMAGE", {"tooltip": "Reference image(s); several are concatenated."}),
+            "ipadapter_file": (_files(FOLDER), {"tooltip": "An IP-Adapter file from models/ipadapter."}),
+            "clip_vision_file": (_files("clip_vision"), {"tooltip": "The CLIP vision model the adapter needs, from models/clip_vision."}),
+            **_common_widgets(),
+        }}
+
+    def apply(self, model, image, ipadapter_file, clip_vision_file, weight, weight_type, start_at, end_at):
+        adapter = load_adapter(ipadapter_file)
+        clip_vision = load_clip_vision(clip_vision_file)
+        return (apply_adapter(model, adapter, clip_vision, image, weight, weight_type, start_at, end_at),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "IPAdapterFusedLoader": IPAdapterFusedLoader,
+    "IPAdapterFusedApply": IPAdapterFusedApply,
+    "IPAdapterFusedSimple": IPAdapterFusedSimple,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IPAdapterFusedLoader": "IPAdapter Loader (Fused)",
+    "IPAdapterFusedApply": "Apply IPAdapter (Fused)",
+    "IPAdapterFusedSimple": "IPAdapter (Fused, all-in-one)",
+}

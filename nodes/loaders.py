@@ -1,0 +1,94 @@
+"""Adapter files in the host's model folders, loaded once and shared.
+
+The weights live in a host ModelPatcher so the host's memory management moves them to
+the sampling device with the model and offloads them with it."""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+FOLDER = "ipadapter"
+EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
+
+
+def register_folder() -> None:
+    """Add models/ipadapter to the host's search paths, keeping any extra_model_paths.yaml entries."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    known = folder_paths.folder_names_and_paths.get(FOLDER)
+    if known is None:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], EXTENSIONS)
+        return
+    paths, exts = known
+    if default not in paths:
+        folder_paths.add_model_folder_path(FOLDER, default)
+    exts = set(exts) | EXTENSIONS
+    folder_paths.folder_names_and_paths[FOLDER] = (folder_paths.folder_names_and_paths[FOLDER][0], exts)
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """What flows on an IPADAPTER_FUSED link."""
+    name: str
+    weights: object   # models.IPAdapterWeights
+    patcher: object   # comfy ModelPatcher around `weights`
+
+    @property
+    def spec(self):
+        return self.weights.spec
+
+
+_lock = threading.Lock()
+_adapters: "weakref.WeakValueDictionary[tuple, LoadedAdapter]" = weakref.WeakValueDictionary()
+_clip_visions: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+def load_adapter(name: str) -> LoadedAdapter:
+    """Load `name` from the ipadapter folder, or return the instance already in use."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import folder_paths
+
+    from ..models import load_adapter_file
+
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"IP-Adapter file {name!r} was not found in the '{FOLDER}' model folder")
+    key = _file_key(path) + (mm.unet_dtype(),)
+    with _lock:
+        hit = _adapters.get(key)
+        if hit is not None:
+            return hit
+        weights = load_adapter_file(path).to(dtype=mm.unet_dtype())
+        weights.eval().requires_grad_(False)
+        patcher = comfy.model_patcher.ModelPatcher(
+            weights, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        loaded = LoadedAdapter(name=name, weights=weights, patcher=patcher)
+        _adapters[key] = loaded
+        return loaded
+
+
+def load_clip_vision(name: str):
+    import comfy.clip_vision
+    import folder_paths
+
+    path = folder_paths.get_full_path("clip_vision", name)
+    if path is None:
+        raise FileNotFoundError(f"CLIP vision file {name!r} was not found in the 'clip_vision' model folder")
+    key = _file_key(path)
+    with _lock:
+        hit = _clip_visions.get(key)
+        if hit is None:
+            hit = comfy.clip_vision.load(path)
+            if hit is None:
+                raise ValueError(f"{name!r} is not a CLIP vision model the host can load")
+            _clip_visions[key] = hit
+        return hit
