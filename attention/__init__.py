@@ -4,14 +4,29 @@
 """
 from .contexts import ImageContext
 from .reference import decoupled_attention_torch
-from .dispatch import decoupled_attention, available_backends, select_backend
+from .fused_triton import PackedContexts, pack_image_contexts, fused_decoupled_attention, MAX_IMAGE_CONTEXTS
+from .dispatch import (
+    AttentionShape,
+    available_backends,
+    decoupled_attention,
+    select_backend,
+    set_prefer_torch_rule,
+    triton_available,
+)
 from .masks import mask_to_tokens
 
 __all__ = [
     "ImageContext",
+    "PackedContexts",
+    "pack_image_contexts",
     "decoupled_attention",
     "decoupled_attention_torch",
+    "fused_decoupled_attention",
     "available_backends",
     "select_backend",
+    "set_prefer_torch_rule",
+    "triton_available",
+    "AttentionShape",
+    "MAX_IMAGE_CONTEXTS",
     "mask_to_tokens",
 ]

@@ -1,36 +1,219 @@
-"""Choice between the fused Triton kernel and the torch reference, behind one function."""
+"""Choice between the fused Triton kernel and the torch reference, behind one function.
+
+Rules for backend="auto" (first match wins):
+  1. the environment variable IPADAPTER_FUSED_ATTENTION=torch|triton|auto replaces "auto";
+  2. torch when Triton is not importable, q is not on CUDA, or the kernel runs under the
+     Triton interpreter (a test tool, far too slow for real work);
+  3. torch when the call is one the kernel does not handle (head dim > 256, > 8 image
+     contexts, odd dtypes, mismatched shapes...: see fused_triton.fused_unsupported_reason);
+  4. torch when the prefer-torch rule says the fused kernel would be slower (see
+     set_prefer_torch_rule);
+  5. triton otherwise.
+backend="triton" skips rules 2-4 and raises instead of falling back; backend="torch" always
+runs the reference.
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from . import fused_triton
 from .contexts import ImageContext
+from .fused_triton import PackedContexts
 from .reference import AttentionFn, decoupled_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
+ENV_BACKEND = "IPADAPTER_FUSED_ATTENTION"
+
+Contexts = Union[Sequence[ImageContext], PackedContexts]
+
+
+def triton_available() -> bool:
+    """Whether the fused kernel can be built at all (Triton imported)."""
+    return fused_triton.HAS_TRITON
 
 
 def available_backends() -> list[str]:
-    return ["torch"]
+    return ["torch", "triton"] if triton_available() else ["torch"]
 
 
-def select_backend(q: torch.Tensor, requested: str = "auto") -> str:
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the prefer-torch rule gets to decide on."""
+
+    batch: int
+    heads: int
+    head_dim: int
+    lq: int
+    lt: int  # 0 without a text context
+    image_lengths: tuple[int, ...]
+    has_masks: bool
+    layout: str
+    dtype: torch.dtype
+    device_name: str
+
+
+def default_prefer_torch(shape: AttentionShape) -> bool:
+    """True where the fused kernel is expected to lose.
+
+    With no image context the call is plain attention: SDPA's flash/cuDNN kernels are tuned
+    far beyond ours and there is nothing to fuse. Everything else goes to the kernel, which
+    moves the ideal bytes. This is a first guess: GPU benchmarks (bench/bench_attention.py)
+    should tune it per device, e.g. for very short query lengths where launch overhead rules.
+    """
+    return len(shape.image_lengths) == 0
+
+
+_prefer_torch_rule: Callable[[AttentionShape], bool] = default_prefer_torch
+
+
+def set_prefer_torch_rule(rule: Optional[Callable[[AttentionShape], bool]]) -> Callable[[AttentionShape], bool]:
+    """Install the predicate that sends "auto" calls to torch; None restores the default.
+    Returns the previous rule so callers (and tests) can put it back."""
+    global _prefer_torch_rule
+    previous = _prefer_torch_rule
+    _prefer_torch_rule = rule if rule is not None else default_prefer_torch
+    return previous
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _shape_of(q, k_text, contexts, heads, layout) -> AttentionShape:
+    if layout == "blc":
+        batch, lq, head_dim = q.shape[0], q.shape[1], q.shape[2] // heads
+        lt = 0 if k_text is None else k_text.shape[1]
+        lengths = tuple(c.k.shape[1] for c in contexts)
+    else:
+        batch, lq, head_dim = q.shape[0], q.shape[2], q.shape[3]
+        lt = 0 if k_text is None else k_text.shape[2]
+        lengths = tuple(c.k.shape[2] for c in contexts)
+    device_name = _device_name(q.device)
+    return AttentionShape(
+        batch=batch,
+        heads=heads,
+        head_dim=head_dim,
+        lq=lq,
+        lt=lt,
+        image_lengths=lengths,
+        has_masks=any(c.mask is not None for c in contexts),
+        layout=layout,
+        dtype=q.dtype,
+        device_name=device_name,
+    )
+
+
+def select_backend(
+    q: torch.Tensor,
+    requested: str = "auto",
+    *,
+    k_text: Optional[torch.Tensor] = None,
+    v_text: Optional[torch.Tensor] = None,
+    contexts: Optional[Contexts] = None,
+    heads: Optional[int] = None,
+    layout: str = "blc",
+) -> str:
+    """"torch" or "triton" for this call.
+
+    Without `heads` only the device and Triton's presence are judged; with it (and the other
+    tensors) the shape is checked against what the kernel supports and the prefer-torch rule.
+    Raises ValueError for an unknown name, RuntimeError when "triton" is requested where it
+    cannot run, ValueError when "triton" is requested for a shape it does not support.
+    """
     if requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    return "torch"
+    if requested == "auto":
+        forced = os.environ.get(ENV_BACKEND, "").strip().lower()
+        if forced:
+            if forced not in BACKENDS:
+                raise ValueError(f"{ENV_BACKEND}={forced!r} is not one of {', '.join(BACKENDS)}")
+            requested = forced
+    if requested == "torch":
+        return "torch"
+    contexts = () if contexts is None else contexts
+
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "attention backend 'triton' was requested but triton is not importable "
+                f"({fused_triton.TRITON_IMPORT_ERROR}); install triton or use backend='torch'/'auto'"
+            )
+        if q.device.type != "cuda" and not fused_triton.interpreting():
+            raise RuntimeError(
+                f"attention backend 'triton' needs CUDA tensors, q is on {q.device.type}; on CPU the kernel "
+                "runs only under the Triton interpreter (TRITON_INTERPRET=1, for tests). Use backend='auto' or 'torch'."
+            )
+        if heads is not None:
+            reason = fused_triton.fused_unsupported_reason(q, k_text, v_text, contexts, heads, layout)
+            if reason is not None:
+                raise ValueError(f"attention backend 'triton' cannot run this call: {reason}")
+        return "triton"
+
+    # auto
+    if not triton_available() or not _runs_natively(q):
+        return "torch"
+    if heads is None:
+        return "triton"
+    if fused_triton.fused_unsupported_reason(q, k_text, v_text, contexts, heads, layout) is not None:
+        return "torch"
+    if _prefer_torch_rule(_shape_of(q, k_text, contexts, heads, layout)):
+        return "torch"
+    return "triton"
+
+
+def _runs_natively(q: torch.Tensor) -> bool:
+    """Compiled kernel on a GPU, as opposed to the interpreter or a CPU tensor. A seam of its
+    own so tests can exercise the shape rules of "auto" on CPU."""
+    return q.device.type == "cuda" and not fused_triton.interpreting()
+
+
+def _with_weights(contexts: Contexts, weights: Optional[Sequence[float]]) -> Contexts:
+    if weights is None:
+        return contexts
+    if len(weights) != len(contexts):
+        raise ValueError(f"got {len(weights)} weights for {len(contexts)} image contexts")
+    if isinstance(contexts, PackedContexts):
+        return contexts.with_weights(weights)
+    return [dataclasses.replace(c, weight=float(w)) for c, w in zip(contexts, weights)]
 
 
 def decoupled_attention(
     q: torch.Tensor,
     k_text: Optional[torch.Tensor],
     v_text: Optional[torch.Tensor],
-    contexts: Sequence[ImageContext],
+    contexts: Contexts,
     heads: int,
     layout: str = "blc",
     backend: str = "auto",
     attention_fn: Optional[AttentionFn] = None,
+    *,
+    weights: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
-    chosen = select_backend(q, backend)
-    return decoupled_attention_torch(q, k_text, v_text, contexts, heads, layout, attention_fn)
+    """Attn(q, K_text, V_text) + sum_j w_j * m_j * Attn(q, K_j, V_j) on the chosen backend.
+
+    contexts: ImageContexts, or a PackedContexts built once with pack_image_contexts (the
+      fast path for the kernel: no per-call work for image contexts; the torch path reads the
+      same buffers).
+    attention_fn: used by the torch backend only (e.g. ComfyUI's optimized_attention, to
+      match the host bit for bit); the fused kernel computes every term itself.
+    weights: per-context weights for this call, overriding those stored in the contexts
+      (cheap with a PackedContexts: schedules change them every step).
+    """
+    if isinstance(contexts, PackedContexts) and contexts.batch != q.shape[0]:
+        raise ValueError(
+            f"packed contexts were built for a query batch of {contexts.batch}, q has {q.shape[0]}; "
+            "pack once per batch pattern"
+        )
+    chosen = select_backend(
+        q, backend, k_text=k_text, v_text=v_text, contexts=contexts, heads=heads, layout=layout
+    )
+    if chosen == "triton":
+        return fused_triton.fused_decoupled_attention(q, k_text, v_text, contexts, heads, layout, weights=weights)
+    return decoupled_attention_torch(q, k_text, v_text, _with_weights(contexts, weights), heads, layout, attention_fn)

@@ -44,7 +44,9 @@ class IPAdapterFusedLoader:
         }}
 
     def load(self, ipadapter_file):
-        return (load_adapter(ipadapter_file),)
+        adapter = load_adapter(ipadapter_file)
+        # the front-end extension shows this on the node
+        return {"ui": {"ipadapter_info": [adapter.spec.describe()]}, "result": (adapter,)}
 
 
 class IPAdapterFusedApply:

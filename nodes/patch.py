@@ -15,10 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..attention import ImageContext, decoupled_attention, mask_to_tokens
+from ..attention import ImageContext, decoupled_attention, mask_to_tokens, pack_image_contexts
 from .schedules import SiteWeight
-
-BACKEND_ENV = "IPADAPTER_FUSED_BACKEND"
 
 
 def tensor_to_size(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -151,7 +149,7 @@ class AppliedAdapter:
 class Attn2Patch:
     """The callable registered under one attn2 key: (q, k, v, extra_options) -> out."""
 
-    def __init__(self, layer: int, entries: tuple = (), previous=None, backend: Optional[str] = None):
+    def __init__(self, layer: int, entries: tuple = (), previous=None, backend: str = "auto"):
         self.layer = layer
         self.entries = tuple(entries)
         self.previous = previous
@@ -166,31 +164,41 @@ class Attn2Patch:
     def with_entry(self, entry: AppliedAdapter) -> "Attn2Patch":
         return Attn2Patch(self.layer, self.entries + (entry,), self.previous, self.backend)
 
-    def __call__(self, q, k, v, extra_options):
-        import os
+    def _contexts(self, q, extra_options, sigma):
+        """The image contexts of this call, packed once per run for each combination of
+        active adapters and batch layout (the fused kernel reads one buffer; the torch
+        path reads views of it)."""
+        active = [e for e in self.entries if e.active(sigma) and e.site_weights[self.layer].weight != 0]
+        if not active:
+            return None
+        cond_or_uncond = tuple(extra_options["cond_or_uncond"])
+        masked = any(e.mask is not None for e in active)
+        shape = tuple(extra_options["original_shape"][2:]) if masked else None
+        key = ("pack", self.layer, tuple(id(e) for e in active), cond_or_uncond, q.shape[0], q.shape[1],
+               shape, q.device, q.dtype)
+        cache = active[0]._cache  # released with the run like the K/V it packs
+        pack = cache.get(key)
+        if pack is None:
+            contexts = [e.context(self.layer, q, extra_options) for e in active]
+            pack = cache[key] = pack_image_contexts(contexts, q.shape[0], extra_options["n_heads"], "blc",
+                                                    dtype=q.dtype, device=q.device)
+        return pack
 
+    def __call__(self, q, k, v, extra_options):
         from .host import host_attention_fn
 
-        sigma = _step_sigma.get(extra_options.get("sigmas"))
-        contexts = []
-        for entry in self.entries:
-            if entry.active(sigma):
-                ctx = entry.context(self.layer, q, extra_options)
-                if ctx is not None:
-                    contexts.append(ctx)
-
+        contexts = self._contexts(q, extra_options, _step_sigma.get(extra_options.get("sigmas")))
         heads = extra_options["n_heads"]
         attention_fn = host_attention_fn(extra_options)
-        backend = self.backend or os.environ.get(BACKEND_ENV, "auto")
         if self.previous is not None:
             out = self.previous(q, k, v, extra_options)
-            if not contexts:
+            if contexts is None:
                 return out
-            extra = decoupled_attention(q, None, None, contexts, heads, "blc", backend, attention_fn)
-            return (out + extra.to(out.dtype)).to(out.dtype)
-        if not contexts:
+            extra = decoupled_attention(q, None, None, contexts, heads, "blc", self.backend, attention_fn)
+            return out + extra.to(out.dtype)
+        if contexts is None:
             return attention_fn(q, k, v, heads)
-        return decoupled_attention(q, k, v, contexts, heads, "blc", backend, attention_fn)
+        return decoupled_attention(q, k, v, contexts, heads, "blc", self.backend, attention_fn)
 
 
 def install(model_options: dict, sites, entry: AppliedAdapter, skip_keys=frozenset()) -> dict:

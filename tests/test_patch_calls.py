@@ -193,3 +193,18 @@ def test_kv_computed_once_per_run():
     entry.release()
     patch(q, k, v, extra_options([1, 0]))
     assert calls == [0, 0]
+
+
+@pytest.mark.parametrize("scaling", ["V only", "K+mean(V) w/ C penalty"])
+def test_patch_through_fused_kernel(scaling):
+    """The same patch with the fused kernel (Triton interpreter on CPU) as backend."""
+    weights = FakeWeights(1)
+    mask = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(7))
+    a = make_entry(weights, [SiteWeight(0.7)], seed=1, embeds_scaling=scaling, mask=mask)
+    b = make_entry(weights, [SiteWeight(-0.4, swap=True)], seed=2)
+    q, k, v = qkv(4, lq=64)
+    got = Attn2Patch(0, (a, b), backend="triton")(q, k, v, extra_options([1, 0]))
+    rows = F.interpolate(mask[:, None], size=(8, 8), mode="bilinear")[0, 0].reshape(-1)
+    ref_a = expected(q, k, v, [1, 0], [a], 0, mask_rows=[rows] * 4)
+    ref_b = expected(q, k, v, [1, 0], [b], 0) - sdpa_blc(q, k, v)
+    torch.testing.assert_close(got, ref_a + ref_b, atol=1e-4, rtol=1e-4)

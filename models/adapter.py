@@ -1,0 +1,151 @@
+"""An adapter checkpoint as one plain torch module.
+
+The host keeps adapter weights in a ModelPatcher, which moves a module between devices
+and dtypes with the model; so everything lives in parameters of one nn.Module, whose
+state dict has exactly the checkpoint's flat key names."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families import AdapterSpec, _as_groups, detect_family
+from .loading import AdapterFormatError, _example_list, load_adapter_state
+from .projections import build_projection
+
+__all__ = ["IPAdapterWeights", "load_adapter_file"]
+
+
+class _LayerKV(nn.Module):
+    """The K/V projections of one cross-attention layer (names as in the checkpoint)."""
+
+    def __init__(self, context_dim: int, width: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(context_dim, width, bias=False)
+        self.to_v_ip = nn.Linear(context_dim, width, bias=False)
+
+
+class IPAdapterWeights(nn.Module):
+    """Projection network + per-layer K/V weights of one adapter.
+
+    Layer i is the checkpoint's ``ip_adapter.{2i+1}.*``, i.e. the i-th cross-attention
+    layer in the original processor order (down, up, mid)."""
+
+    def __init__(self, spec: AdapterSpec):
+        super().__init__()
+        self.spec = spec
+        self.image_proj = build_projection(spec)
+        self.ip_adapter = nn.ModuleDict(
+            {str(2 * i + 1): _LayerKV(spec.context_dim, w) for i, w in enumerate(spec.layer_dims)}
+        )
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "IPAdapterWeights":
+        """Detect the family of `state` (grouped or flat) and load it strictly.
+
+        The checkpoint tensors become the parameters (no second copy). Files that mix
+        float dtypes are brought to float32 so the projection runs in one dtype."""
+        groups = _as_groups(state)
+        spec = detect_family(groups)
+        flat = {f"{g}.{k}": t for g, sub in groups.items() for k, t in sub.items()}
+
+        # Built on the meta device: the real storage comes from the checkpoint via assign.
+        with torch.device("meta"):
+            module = cls(spec)
+        own = module.state_dict()
+        missing = [k for k in own if k not in flat]
+        unexpected = [k for k in flat if k not in own]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {_example_list(missing, 4)}")
+            if unexpected:
+                parts.append(f"unexpected keys {_example_list(unexpected, 4)}")
+            raise AdapterFormatError(f"cannot load this {spec.family_name}: " + "; ".join(parts))
+
+        dtypes = {t.dtype for t in flat.values()}
+        target = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        # assign=True adopts these tensors as the parameters; they must be contiguous for
+        # the host's device moves, and .to/.contiguous copy only when something changes.
+        flat = {k: t.to(dtype=target).contiguous() for k, t in flat.items()}
+        try:
+            module.load_state_dict(flat, strict=True, assign=True)
+        except RuntimeError as e:  # shapes were checked by detection; this is a last guard
+            raise AdapterFormatError(f"cannot load this {spec.family_name}: {e}") from e
+        return module.requires_grad_(False)
+
+    # -- use ----------------------------------------------------------------------------
+
+    def _param(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def image_tokens(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Encoder output -> (N, T, C) image tokens, computed in the module's device/dtype.
+
+        base layouts take image_embeds (N, E); plus and full-face take hidden states
+        (N, L, E). A missing batch dim is added."""
+        spec = self.spec
+        want = 2 if spec.encoder_input == "image_embeds" else 3
+        if embeds.dim() == want - 1:
+            embeds = embeds.unsqueeze(0)
+        if embeds.dim() != want or embeds.shape[-1] != spec.encoder_width:
+            shape = "(N, E)" if want == 2 else "(N, tokens, E)"
+            raise ValueError(
+                f"this adapter expects {spec.encoder_name} {spec.encoder_input} of shape {shape} with "
+                f"E = {spec.encoder_width}, got a tensor of shape {tuple(embeds.shape)}"
+            )
+        p = self._param()
+        return self.image_proj(embeds.to(device=p.device, dtype=p.dtype))
+
+    def _layer(self, i: int) -> _LayerKV:
+        if not 0 <= i < self.spec.num_layers:
+            raise IndexError(f"layer {i} out of range: this adapter has {self.spec.num_layers} layers")
+        return self.ip_adapter[str(2 * i + 1)]
+
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] != self.spec.context_dim:
+            raise ValueError(
+                f"image tokens have width {tokens.shape[-1]}, but this adapter's layers read "
+                f"width {self.spec.context_dim}"
+            )
+        p = self._param()
+        return tokens.to(device=p.device, dtype=p.dtype)
+
+    def layer_kv(self, i: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of layer i for tokens (B, T, C): two (B, T, layer_dims[i]) tensors."""
+        layer = self._layer(i)
+        tokens = self._check_tokens(tokens)
+        return F.linear(tokens, layer.to_k_ip.weight), F.linear(tokens, layer.to_v_ip.weight)
+
+    def all_layer_kv(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V for every layer, in layer order.
+
+        One matmul per weight, with the tokens cast once: with a handful of tokens this is
+        bound by reading the weights, which each matmul does exactly once. Stacking equal-width
+        layers into a single matmul would first have to copy those weights (hundreds of MB for
+        SDXL), costing more than the launches it saves."""
+        tokens = self._check_tokens(tokens)
+        out = []
+        for i in range(self.spec.num_layers):
+            layer = self.ip_adapter[str(2 * i + 1)]
+            out.append((F.linear(tokens, layer.to_k_ip.weight), F.linear(tokens, layer.to_v_ip.weight)))
+        return out
+
+    def extra_repr(self) -> str:
+        return self.spec.describe()
+
+
+def load_adapter_file(path: str | os.PathLike) -> IPAdapterWeights:
+    """Read, detect and build: the one call the node layer needs."""
+    state = load_adapter_state(path)
+    try:
+        return IPAdapterWeights.from_state(state)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{os.path.basename(os.fspath(path))}: {e}") from e
+

@@ -1,0 +1,416 @@
+"""Which adapter family a checkpoint belongs to, read from its key names and tensor shapes.
+
+File names are never consulted: people rename files, and a wrong guess here would only
+surface later as garbage images. Every dimension the projection and the patcher need is
+read off the tensors, and the whole key set is then checked against what that family
+must contain, so a damaged file fails here with a message instead of deep inside torch."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .loading import AdapterFormatError, _example_list, flatten_state, group_state
+
+__all__ = ["AdapterSpec", "detect_family", "expected_shapes", "HEAD_DIM", "LAYOUTS"]
+
+# All published Plus-type resamplers use 64-wide heads; the head count is only recoverable
+# from the checkpoint because of that convention (rows of to_q / 64).
+HEAD_DIM = 64
+
+LAYOUTS = ("base", "plus", "full-face")
+
+# Width of the encoder output -> the CLIP vision model that produces it. The projection
+# ("image_embeds") and hidden ("penultimate") widths differ for the same encoder.
+_IMAGE_EMBEDS_ENCODERS = {768: "CLIP ViT-L/14", 1024: "CLIP ViT-H/14", 1280: "CLIP ViT-bigG/14"}
+_HIDDEN_ENCODERS = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
+
+# (number of attn2 layers, context width) -> base model the adapter was trained for.
+_ARCH_HINTS = {(16, 768): "sd15", (70, 2048): "sdxl"}
+_ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+# Full-face projects every encoder token separately, so the checkpoint does not fix the
+# token count; 257 is what its encoder (ViT-H/14 at 224 px: 16x16 patches + class token) gives.
+_FULL_FACE_TOKENS = 257
+
+_LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything about an adapter that is fixed by its checkpoint."""
+    layout: str                       # "base" | "plus" | "full-face"
+    tokens: int                       # image tokens per image (4, 16, 257, ...)
+    context_dim: int                  # C: width of the image tokens = in-features of to_k_ip
+    encoder_width: int                # E: last dim of the encoder output the projection reads
+    encoder_input: str                # "image_embeds" | "penultimate"
+    encoder_name: str                 # human hint for which CLIP vision model fits
+    num_layers: int                   # cross-attention layers carrying ip K/V weights
+    layer_dims: tuple[int, ...]       # out-features of each layer's to_k_ip, checkpoint order
+    arch_hint: Optional[str] = None   # "sd15" | "sdxl" | None
+    resampler_dim: Optional[int] = None
+    resampler_heads: Optional[int] = None
+    resampler_depth: Optional[int] = None
+    resampler_ff_dim: Optional[int] = None
+
+    @property
+    def family_name(self) -> str:
+        if self.layout == "plus":
+            return "IP-Adapter Plus-type (Plus, Plus-Face or Composition)"
+        if self.layout == "full-face":
+            return "IP-Adapter Full-face"
+        return "IP-Adapter"
+
+    def describe(self) -> str:
+        target = _ARCH_NAMES.get(self.arch_hint or "", "an unrecognised base model")
+        what = "image_embeds" if self.encoder_input == "image_embeds" else "penultimate hidden states"
+        text = (
+            f"{self.family_name} for {target}: {self.tokens} image tokens from {self.encoder_name} "
+            f"{what} (width {self.encoder_width})"
+        )
+        if self.layout == "plus":
+            text += (
+                f", resampler width {self.resampler_dim} x {self.resampler_depth} layers, "
+                f"{self.resampler_heads} heads"
+            )
+        text += f"; {self.num_layers} cross-attention layers, context width {self.context_dim}"
+        return text
+
+
+def expected_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+    """Flat key -> shape of every tensor a checkpoint of this spec holds, no more, no less."""
+    c, e = spec.context_dim, spec.encoder_width
+    out: dict[str, tuple[int, ...]] = {}
+    p = "image_proj."
+    if spec.layout == "base":
+        out[p + "proj.weight"] = (spec.tokens * c, e)
+        out[p + "proj.bias"] = (spec.tokens * c,)
+        out[p + "norm.weight"] = (c,)
+        out[p + "norm.bias"] = (c,)
+    elif spec.layout == "full-face":
+        out[p + "proj.0.weight"] = (e, e)
+        out[p + "proj.0.bias"] = (e,)
+        out[p + "proj.2.weight"] = (c, e)
+        out[p + "proj.2.bias"] = (c,)
+        out[p + "proj.3.weight"] = (c,)
+        out[p + "proj.3.bias"] = (c,)
+    elif spec.layout == "plus":
+        d, f = spec.resampler_dim, spec.resampler_ff_dim
+        inner = spec.resampler_heads * HEAD_DIM
+        out[p + "latents"] = (1, spec.tokens, d)
+        out[p + "proj_in.weight"] = (d, e)
+        out[p + "proj_in.bias"] = (d,)
+        out[p + "proj_out.weight"] = (c, d)
+        out[p + "proj_out.bias"] = (c,)
+        out[p + "norm_out.weight"] = (c,)
+        out[p + "norm_out.bias"] = (c,)
+        for i in range(spec.resampler_depth):
+            a, ff = f"{p}layers.{i}.0.", f"{p}layers.{i}.1."
+            for norm in ("norm1", "norm2"):
+                out[a + norm + ".weight"] = (d,)
+                out[a + norm + ".bias"] = (d,)
+            out[a + "to_q.weight"] = (inner, d)
+            out[a + "to_kv.weight"] = (2 * inner, d)
+            out[a + "to_out.weight"] = (d, inner)
+            out[ff + "0.weight"] = (d,)
+            out[ff + "0.bias"] = (d,)
+            out[ff + "1.weight"] = (f, d)
+            out[ff + "3.weight"] = (d, f)
+    else:
+        raise ValueError(f"unknown layout {spec.layout!r}; expected one of {LAYOUTS}")
+    for i, w in enumerate(spec.layer_dims):
+        n = 2 * i + 1
+        out[f"ip_adapter.{n}.to_k_ip.weight"] = (w, c)
+        out[f"ip_adapter.{n}.to_v_ip.weight"] = (w, c)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Recognising files that are not (supported) IP-Adapters
+
+
+def _foreign_hint(keys: list[str]) -> str:
+    def has(pred) -> bool:
+        return any(pred(k) for k in keys)
+
+    if has(lambda k: k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.",
+                                   "conditioner.embedders."))):
+        return "this looks like a full Stable Diffusion checkpoint (it belongs in models/checkpoints)"
+    if has(lambda k: k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k
+           or ".lora.down." in k):
+        return "this looks like a LoRA (it belongs in models/loras)"
+    if has(lambda k: k.startswith(("vision_model.", "visual.", "vision_encoder."))):
+        return "this looks like a CLIP vision encoder (it belongs in models/clip_vision)"
+    if has(lambda k: "ip_adapter_double_stream" in k or k.startswith("ip_adapter_proj_model.")):
+        return "this looks like an XLabs Flux IP-Adapter, which is not supported yet"
+    if has(lambda k: k.startswith(("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks."))):
+        return "this looks like (part of) a DiT model such as Flux or SD3, not a UNet IP-Adapter"
+    if has(lambda k: k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "unet."))):
+        return "this looks like a diffusers UNet or ControlNet, not an IP-Adapter"
+    if has(lambda k: "quant_conv." in k):
+        return "this looks like a VAE"
+    return "this is not an IP-Adapter checkpoint"
+
+
+def _faceid_refusal(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> Optional[str]:
+    ip = groups.get("image_proj", {})
+    layers = groups.get("ip_adapter", {})
+    evidence = [f"ip_adapter.{k}" for k in layers if "_lora." in k]
+    evidence += [f"image_proj.{k}" for k in ip if k.startswith("perceiver_resampler.")]
+    if "proj.0.weight" in ip and "proj.2.weight" in ip and "proj.3.weight" not in ip:
+        evidence += ["image_proj.proj.0.weight", "image_proj.proj.2.weight"]
+        evidence += ["image_proj." + k for k in ("norm.weight",) if k in ip]
+    if not evidence:
+        return None
+    return (
+        f"this looks like an IP-Adapter FaceID / FaceID Plus / Portrait model (found keys like "
+        f"{_example_list(evidence, 3)}); FaceID-type adapters read an InsightFace face embedding "
+        "and are not supported yet by this pack"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Detection proper
+
+
+def _tensor(group: Mapping[str, torch.Tensor], gname: str, key: str, ndim: int, layout: str) -> torch.Tensor:
+    t = group.get(key)
+    if t is None:
+        raise AdapterFormatError(
+            f"{gname}.{key} is missing; a {layout} IP-Adapter needs it (found {gname} keys like "
+            f"{_example_list(sorted(group), 4)}). The file may be incomplete or of another family."
+        )
+    if t.dim() != ndim:
+        raise AdapterFormatError(
+            f"{gname}.{key} has shape {tuple(t.shape)}; expected a {ndim}-d tensor. The file is damaged "
+            "or not an IP-Adapter."
+        )
+    return t
+
+
+def _parse_layers(layers: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
+    """(context width, per-layer widths) from the ip_adapter group, after checking that the
+    layers form the unbroken odd sequence 1, 3, 5, ... with matching K/V pairs."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, t in layers.items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            other.append(key)
+            continue
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = t
+    if other:
+        if any("text_to_weight" in k for k in other):
+            raise AdapterFormatError(
+                "this looks like a MIP-Adapter (found ip_adapter keys like "
+                f"{_example_list(['ip_adapter.' + k for k in other if 'text_to_weight' in k], 2)}), "
+                "which is not supported yet"
+            )
+        raise AdapterFormatError(
+            f"unexpected ip_adapter keys {_example_list(['ip_adapter.' + k for k in sorted(other)], 4)}; "
+            "expected only 'ip_adapter.N.to_k_ip.weight' / 'ip_adapter.N.to_v_ip.weight' (UNet IP-Adapter). "
+            "Adapters for Flux, SD3.5 and other families are not supported yet."
+        )
+    if not found:
+        raise AdapterFormatError("the ip_adapter group is empty; the file holds no cross-attention weights")
+
+    idx = sorted(found)
+    even = [n for n in idx if n % 2 == 0]
+    if even:
+        raise AdapterFormatError(
+            f"ip_adapter layers use indices {_example_list(even, 4)}; IP-Adapter layers are numbered with odd "
+            "indices 1, 3, 5, ... (the even slots belong to the self-attention processors). "
+            "The file is damaged or of another family."
+        )
+    missing = sorted(set(range(1, idx[-1] + 1, 2)) - set(idx))
+    if missing:
+        raise AdapterFormatError(
+            f"ip_adapter layers have gaps: found {len(idx)} layers numbered up to {idx[-1]}, but "
+            f"{_example_list(missing, 6)} are missing; expected consecutive odd indices 1, 3, 5, .... "
+            "The file is probably damaged or was edited."
+        )
+
+    widths = []
+    context = None
+    for n in idx:
+        pair = found[n]
+        for kv in ("k", "v"):
+            if kv not in pair:
+                raise AdapterFormatError(
+                    f"ip_adapter.{n}.to_{kv}_ip.weight is missing while its partner "
+                    f"to_{'v' if kv == 'k' else 'k'}_ip is present; every layer needs both K and V weights"
+                )
+        k, v = pair["k"], pair["v"]
+        for kv, t in (("k", k), ("v", v)):
+            if t.dim() != 2:
+                raise AdapterFormatError(
+                    f"ip_adapter.{n}.to_{kv}_ip.weight has shape {tuple(t.shape)}; expected a 2-d "
+                    "(layer width, context width) matrix"
+                )
+        if k.shape != v.shape:
+            raise AdapterFormatError(
+                f"ip_adapter.{n}: to_k_ip is {tuple(k.shape)} but to_v_ip is {tuple(v.shape)}; "
+                "K and V of one layer must have the same shape"
+            )
+        if context is None:
+            context = k.shape[1]
+        elif k.shape[1] != context:
+            raise AdapterFormatError(
+                f"ip_adapter.{n}.to_k_ip.weight reads context width {k.shape[1]} but layer 1 reads "
+                f"{context}; all layers of an adapter share one context width"
+            )
+        widths.append(int(k.shape[0]))
+    return int(context), tuple(widths)
+
+
+def _encoder_name(width: int, encoder_input: str) -> str:
+    table = _IMAGE_EMBEDS_ENCODERS if encoder_input == "image_embeds" else _HIDDEN_ENCODERS
+    return table.get(width, f"CLIP vision of width {width}")
+
+
+def _detect_layout(ip: Mapping[str, torch.Tensor]) -> str:
+    # "light" and "vit-G" adapters are base-layout files: light differs only in training,
+    # vit-G only in the encoder width E, so neither needs a layout of its own.
+    if "latents" in ip:
+        return "plus"
+    if "proj.3.weight" in ip:
+        return "full-face"
+    if "proj.weight" in ip:
+        return "base"
+    raise AdapterFormatError(
+        f"unrecognised image_proj layout (found keys like {_example_list(sorted(ip), 4)}); expected "
+        "'proj.weight' + 'norm.*' (base/light/vit-G), 'latents' + 'layers.*' (Plus, Plus-Face, Composition) "
+        "or 'proj.0/2/3.*' (Full-face)"
+    )
+
+
+def _check_against(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
+    want = expected_shapes(spec)
+    missing = [k for k in want if k not in flat]
+    unexpected = [k for k in flat if k not in want]
+    wrong = [(k, tuple(flat[k].shape), want[k]) for k in want if k in flat and tuple(flat[k].shape) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {_example_list(missing, 4)}")
+    if unexpected:
+        problems.append(f"unexpected {_example_list(unexpected, 4)}")
+    if wrong:
+        problems.append("wrong shapes: " + ", ".join(f"{k} is {s}, expected {w}" for k, s, w in wrong[:4])
+                        + (f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""))
+    if problems:
+        raise AdapterFormatError(
+            f"the file looks like an {spec.family_name} but does not match that layout: "
+            + "; ".join(problems) + ". The file is damaged or a variant this pack does not know."
+        )
+    not_float = [k for k, t in flat.items() if not t.is_floating_point()]
+    if not_float:
+        raise AdapterFormatError(
+            f"weights {_example_list(not_float, 3)} are of type {flat[not_float[0]].dtype}; "
+            "expected floating-point weights"
+        )
+
+
+def _as_groups(state: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    if not isinstance(state, Mapping):
+        raise AdapterFormatError(f"expected a dictionary of weights, got a {type(state).__name__}")
+    return group_state(flatten_state(state))
+
+
+def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
+    """The AdapterSpec of a checkpoint, from key names and shapes only.
+
+    `state` is the grouped dict of load_adapter_state (flat dotted keys work too).
+    Raises AdapterFormatError saying what was found and what was expected."""
+    groups = _as_groups(state)
+    all_keys = [f"{g}.{k}" if g else k for g, sub in groups.items() for k in sub]
+    if not all_keys:
+        raise AdapterFormatError("the file holds no weights")
+
+    faceid = _faceid_refusal(groups)
+    if faceid:
+        raise AdapterFormatError(faceid)
+
+    layers = groups.get("ip_adapter")
+    ip = groups.get("image_proj")
+    if not layers or not ip:
+        if not layers and not ip:
+            raise AdapterFormatError(
+                f"found keys like {_example_list(sorted(all_keys)[:3], 3)} — {_foreign_hint(all_keys)}. "
+                "An IP-Adapter holds 'image_proj.*' and 'ip_adapter.N.to_k_ip/to_v_ip.weight' weights."
+            )
+        have, lack = ("image_proj", "ip_adapter") if ip else ("ip_adapter", "image_proj")
+        raise AdapterFormatError(
+            f"the file has '{have}' weights but no '{lack}' weights; an IP-Adapter needs both "
+            "(the file is incomplete or was saved from part of a model)"
+        )
+    extra = sorted(g for g in groups if g not in ("image_proj", "ip_adapter"))
+    if extra:
+        keys = [f"{g}.{k}" if g else k for g in extra for k in groups[g]]
+        raise AdapterFormatError(
+            f"besides 'image_proj' and 'ip_adapter' the file holds {_example_list(keys, 4)}; "
+            f"{_foreign_hint(keys)}, or a variant this pack does not know"
+        )
+
+    context, widths = _parse_layers(layers)
+    layout = _detect_layout(ip)
+    extra_fields: dict[str, Any] = {}
+
+    if layout == "base":
+        norm = _tensor(ip, "image_proj", "norm.weight", 1, layout)
+        proj = _tensor(ip, "image_proj", "proj.weight", 2, layout)
+        c = int(norm.shape[0])
+        if proj.shape[0] % c:
+            raise AdapterFormatError(
+                f"image_proj.proj.weight has {proj.shape[0]} rows, not a multiple of the token width {c} "
+                "(image_proj.norm); the file is damaged"
+            )
+        tokens, enc_width, encoder_input = proj.shape[0] // c, int(proj.shape[1]), "image_embeds"
+    elif layout == "full-face":
+        first = _tensor(ip, "image_proj", "proj.0.weight", 2, layout)
+        c = int(_tensor(ip, "image_proj", "proj.2.weight", 2, layout).shape[0])
+        tokens, enc_width, encoder_input = _FULL_FACE_TOKENS, int(first.shape[1]), "penultimate"
+    else:
+        latents = _tensor(ip, "image_proj", "latents", 3, layout)
+        proj_in = _tensor(ip, "image_proj", "proj_in.weight", 2, layout)
+        c = int(_tensor(ip, "image_proj", "proj_out.weight", 2, layout).shape[0])
+        depth = len({k.split(".")[1] for k in ip if k.startswith("layers.") and k.count(".") >= 2})
+        if depth == 0:
+            raise AdapterFormatError("image_proj has 'latents' but no resampler 'layers.*'; the file is damaged")
+        to_q = _tensor(ip, "image_proj", "layers.0.0.to_q.weight", 2, layout)
+        ff = _tensor(ip, "image_proj", "layers.0.1.1.weight", 2, layout)
+        if to_q.shape[0] % HEAD_DIM:
+            raise AdapterFormatError(
+                f"image_proj.layers.0.0.to_q.weight has {to_q.shape[0]} rows, not a multiple of the head "
+                f"width {HEAD_DIM}; this resampler variant is not supported"
+            )
+        tokens, enc_width, encoder_input = int(latents.shape[1]), int(proj_in.shape[1]), "penultimate"
+        extra_fields = dict(
+            resampler_dim=int(latents.shape[2]),
+            resampler_heads=int(to_q.shape[0] // HEAD_DIM),
+            resampler_depth=depth,
+            resampler_ff_dim=int(ff.shape[0]),
+        )
+
+    if c != context:
+        raise AdapterFormatError(
+            f"image_proj makes image tokens of width {c}, but the ip_adapter layers read width {context}; "
+            "the two halves of the file do not belong together"
+        )
+
+    spec = AdapterSpec(
+        layout=layout,
+        tokens=int(tokens),
+        context_dim=int(context),
+        encoder_width=enc_width,
+        encoder_input=encoder_input,
+        encoder_name=_encoder_name(enc_width, encoder_input),
+        num_layers=len(widths),
+        layer_dims=widths,
+        arch_hint=_ARCH_HINTS.get((len(widths), int(context))),
+        **extra_fields,
+    )
+    _check_against({f"{g}.{k}": t for g, sub in groups.items() for k, t in sub.items()}, spec)
+    return spec
