@@ -62,9 +62,10 @@ def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Option
 
 
 def image_tokens(adapter_weights, pos: torch.Tensor, neg: torch.Tensor, combine: str) -> torch.Tensor:
-    """(2, T, C) tokens: row 0 positive, row 1 negative. With `concat` and several images,
-    their tokens are joined along the sequence (one softmax over all of them), which is
-    what the established implementation's batch reshaping amounts to."""
+    """(2, N, T, C) tokens: row 0 positive, row 1 negative, N images (1 unless `concat`).
+    With `concat` the patch joins the N images' tokens along the sequence (one softmax
+    over all of them), which is what the established implementation's batch reshaping
+    amounts to."""
     from ..models.encoding import check_embeds, combine_embeds
 
     if combine not in COMBINE_METHODS:
@@ -75,8 +76,6 @@ def image_tokens(adapter_weights, pos: torch.Tensor, neg: torch.Tensor, combine:
     with torch.no_grad():
         tp = adapter_weights.image_tokens(pos)
         tn = adapter_weights.image_tokens(neg)
-    tp = tp.reshape(1, -1, tp.shape[-1])
-    tn = tn.reshape(1, -1, tn.shape[-1])
-    tokens = torch.cat([tp, tn], dim=0)
+    tokens = torch.stack([tp, tn])
     check_embeds(tokens, "image tokens")
     return tokens

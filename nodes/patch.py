@@ -10,6 +10,7 @@ sampling window and an optional mask. Its K/V per layer are computed the first t
 run needs them, kept for the rest of the run and released when sampling ends."""
 from __future__ import annotations
 
+import hashlib
 import weakref
 from typing import Optional, Sequence
 
@@ -56,7 +57,7 @@ class AppliedAdapter:
     def __init__(
         self,
         weights,                      # models.IPAdapterWeights (kept loaded by the host with the model)
-        tokens: torch.Tensor,         # (2, T, C): positive and negative image tokens
+        tokens: torch.Tensor,         # (2, N, T, C): positive and negative tokens of N images
         site_weights: Sequence[SiteWeight],
         sigma_start: float,
         sigma_end: float,
@@ -71,6 +72,18 @@ class AppliedAdapter:
         self.embeds_scaling = embeds_scaling
         self.mask = mask
         self._cache: dict = {}
+        self.order_key = self._content_key()
+
+    def _content_key(self) -> str:
+        """A digest of everything that shapes this adapter's terms. Patches sum their image
+        terms sorted by it, so stacked apply nodes give bit-identical results in any order."""
+        h = hashlib.sha1()
+        for t in (self.tokens, self.mask):
+            if t is not None:
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(repr((self.site_weights, self.sigma_start, self.sigma_end, self.embeds_scaling,
+                       getattr(self.weights, "spec", None))).encode())
+        return h.hexdigest()
 
     def __deepcopy__(self, memo):
         return self
@@ -93,7 +106,13 @@ class AppliedAdapter:
             tokens = torch.stack([torch.zeros_like(tokens[0]), tokens[0]])
         param = next(self.weights.parameters())
         with torch.no_grad():
-            k, v = self.weights.layer_kv(layer, tokens.to(param.device, param.dtype))
+            tokens = tokens.to(param.device, param.dtype)
+            # One projection per row with the images as the batch, the shapes the established
+            # implementation multiplies with, so its results are reproduced bit for bit; the
+            # images' tokens are then joined into one context (concat).
+            kv = [self.weights.layer_kv(layer, row) for row in tokens]
+            k = torch.stack([x[0].reshape(-1, x[0].shape[-1]) for x in kv])
+            v = torch.stack([x[1].reshape(-1, x[1].shape[-1]) for x in kv])
             if self.embeds_scaling != "V only":
                 w = sw.weight
                 if "C penalty" in self.embeds_scaling:
@@ -151,7 +170,7 @@ class Attn2Patch:
 
     def __init__(self, layer: int, entries: tuple = (), previous=None, backend: str = "auto"):
         self.layer = layer
-        self.entries = tuple(entries)
+        self.entries = tuple(sorted(entries, key=lambda e: e.order_key))
         self.previous = previous
         self.backend = backend
 

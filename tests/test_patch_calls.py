@@ -120,7 +120,7 @@ def test_order_of_stacking_does_not_matter():
     q, k, v = qkv(2)
     ab = Attn2Patch(0, (a, b))(q, k, v, extra_options([1, 0]))
     ba = Attn2Patch(0, (b, a))(q, k, v, extra_options([1, 0]))
-    torch.testing.assert_close(ab, ba, **TOL)
+    assert torch.equal(ab, ba), "stacking order must not change a single bit"
 
 
 def test_swap_and_zero_weight():
@@ -174,7 +174,7 @@ def test_foreign_patch_keeps_working_and_keys():
     entry2 = make_entry(weights, [SiteWeight(1.0), SiteWeight(1.0)], seed=5)
     to2 = install({"transformer_options": to}, sites, entry2, skip_keys={("middle", 0, 0)})
     p2 = to2["patches_replace"]["attn2"][("input", 1, 0)]
-    assert p2.entries == (entry, entry2) and p2.previous is foreign
+    assert set(p2.entries) == {entry, entry2} and p2.previous is foreign
     assert to2["patches_replace"]["attn2"][("middle", 0, 0)].entries == (entry,)
     assert copy.deepcopy(p2) is p2
 
@@ -189,10 +189,10 @@ def test_kv_computed_once_per_run():
     q, k, v = qkv(2)
     for step in range(4):
         patch(q, k, v, extra_options([1, 0], sigma=10.0 - step))
-    assert calls == [0]
+    assert calls == [0, 0]  # one projection per row (positive, negative), once
     entry.release()
     patch(q, k, v, extra_options([1, 0]))
-    assert calls == [0, 0]
+    assert calls == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("scaling", ["V only", "K+mean(V) w/ C penalty"])

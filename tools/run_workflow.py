@@ -842,12 +842,12 @@ def run_prompt(host: Host, prompt: dict, out_dir: Path, timeout: float = 3600.0)
                 if data.get("node") is None:
                     done = True
                 else:
-                    log(f"running {title(data['node'])}")
+                    log(f"[{time.time() - t0:6.1f}s] running {title(data['node'])}")
             elif kind == "progress":
                 cur = (data.get("node"), data.get("value"), data.get("max"))
                 if cur != last_progress:
                     last_progress = cur
-                    log(f"  {title(data.get('node'))}: {data.get('value')}/{data.get('max')}")
+                    log(f"[{time.time() - t0:6.1f}s]   {title(data.get('node'))}: {data.get('value')}/{data.get('max')}")
             elif kind == "execution_error":
                 error = data
                 done = True
