@@ -227,3 +227,32 @@ def test_bad_inputs_fail_before_patching(host, tiny_sd15, tiny_sdxl, tiny_clip_v
         _apply(sd15, sd15_adapter, cv, _image(torch), start_at=0.8, end_at=0.2)
     assert repr(sd15.model_options) == options, "a failed apply must leave the model as it was"
     assert "patches_replace" not in sd15.model_options.get("transformer_options", {})
+
+
+def test_fused_backend_in_the_host(host, tiny_sd15, tiny_clip_vision, sampler, cond, tmp_path, monkeypatch):
+    """The whole UNet through the fused kernel (Triton interpreter on CPU) against the torch
+    path: same patch, same adapters, only the backend differs."""
+    import os
+
+    from ipadapter_fused.attention import dispatch
+
+    if not dispatch.triton_available():
+        pytest.skip("triton is not installed in the host's Python")
+    torch = host.torch
+    model = tiny_sd15()
+    cv = tiny_clip_vision(**CLIP)
+    a, _ = _adapter(host, model, "base", tmp_path, seed=1)
+    b, _ = _adapter(host, model, "plus", tmp_path, seed=2)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :40] = 1.0
+    patched = _apply(_apply(model, a, cv, _image(torch, 1), weight=0.7, attn_mask=mask), b, cv, _image(torch, 2),
+                     weight=0.5, embeds_scaling="K+V")
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+    want = _run(sampler, cond, "sd15", patched)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    got = _run(sampler, cond, "sd15", patched)
+    # fp32; the kernel's online softmax and the host's sub-quadratic attention round differently,
+    # and two sampling steps with CFG amplify that
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    assert (got - _run(sampler, cond, "sd15", model)).abs().max() > 1e-3
