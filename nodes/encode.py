@@ -7,9 +7,8 @@ from typing import Optional
 
 import torch
 
+from ..models.encoding import COMBINE_METHODS
 from .patch import tensor_to_size
-
-COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average", "max", "min")
 _ENCODE_CHUNK = 16
 
 

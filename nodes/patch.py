@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..attention import ImageContext, decoupled_attention, mask_to_tokens, pack_image_contexts
+from .host import host_attention_fn
 from .schedules import SiteWeight
 
 
@@ -204,8 +205,6 @@ class Attn2Patch:
         return pack
 
     def __call__(self, q, k, v, extra_options):
-        from .host import host_attention_fn
-
         contexts = self._contexts(q, extra_options, _step_sigma.get(extra_options.get("sigmas")))
         heads = extra_options["n_heads"]
         attention_fn = host_attention_fn(extra_options)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ipadapter_fused.nodes import host as host_mod
+from ipadapter_fused.nodes import patch as patch_mod
 from ipadapter_fused.nodes.patch import AppliedAdapter, Attn2Patch, install
 from ipadapter_fused.nodes.schedules import Site, SiteWeight
 
@@ -36,7 +36,7 @@ def sdpa_blc(q, k, v):
 
 @pytest.fixture(autouse=True)
 def torch_host_attention(monkeypatch):
-    monkeypatch.setattr(host_mod, "host_attention_fn", lambda extra: (lambda q, k, v, heads: sdpa_blc(q, k, v)))
+    monkeypatch.setattr(patch_mod, "host_attention_fn", lambda extra: (lambda q, k, v, heads: sdpa_blc(q, k, v)))
 
 
 def extra_options(cond_or_uncond, sigma=5.0, latent=(8, 8)):

@@ -1042,6 +1042,15 @@ def clip_text_state(prefix="cond_stage_model.transformer.text_model.", width=768
     g = torch.Generator().manual_seed(seed)
     sd = {prefix + "embeddings.token_embedding.weight": torch.randn(vocab, width, generator=g) * 0.02,
           prefix + "embeddings.position_embedding.weight": torch.randn(positions, width, generator=g) * 0.01}
+    _encoder_layers(sd, prefix, layers, width, intermediate, g)
+    sd[prefix + "final_layer_norm.weight"] = torch.ones(width)
+    sd[prefix + "final_layer_norm.bias"] = torch.zeros(width)
+    return sd
+
+
+def _encoder_layers(sd, prefix, layers, width, intermediate, g):
+    """The HF CLIP encoder layers shared by the text and the vision tower."""
+    import torch
     for i in range(layers):
         p = f"{prefix}encoder.layers.{i}."
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -1054,9 +1063,6 @@ def clip_text_state(prefix="cond_stage_model.transformer.text_model.", width=768
         for n in ("layer_norm1", "layer_norm2"):
             sd[p + n + ".weight"] = torch.ones(width)
             sd[p + n + ".bias"] = torch.zeros(width)
-    sd[prefix + "final_layer_norm.weight"] = torch.ones(width)
-    sd[prefix + "final_layer_norm.bias"] = torch.zeros(width)
-    return sd
 
 
 def clip_vision_state(width=1024, layers=24, intermediate=4096, patch=14, image_size=224, projection=768, seed=2):
@@ -1072,18 +1078,7 @@ def clip_vision_state(width=1024, layers=24, intermediate=4096, patch=14, image_
     for n in ("pre_layrnorm", "post_layernorm"):
         sd[p + n + ".weight"] = torch.ones(width)
         sd[p + n + ".bias"] = torch.zeros(width)
-    for i in range(layers):
-        q = f"{p}encoder.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[q + f"self_attn.{n}.weight"] = _gen((width, width), width, g)
-            sd[q + f"self_attn.{n}.bias"] = torch.zeros(width)
-        sd[q + "mlp.fc1.weight"] = _gen((intermediate, width), width, g)
-        sd[q + "mlp.fc1.bias"] = torch.zeros(intermediate)
-        sd[q + "mlp.fc2.weight"] = _gen((width, intermediate), intermediate, g, 0.5)
-        sd[q + "mlp.fc2.bias"] = torch.zeros(width)
-        for n in ("layer_norm1", "layer_norm2"):
-            sd[q + n + ".weight"] = torch.ones(width)
-            sd[q + n + ".bias"] = torch.zeros(width)
+    _encoder_layers(sd, p, layers, width, intermediate, g)
     sd["visual_projection.weight"] = _gen((projection, width), width, g)
     return sd
 
