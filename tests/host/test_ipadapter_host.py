@@ -256,3 +256,42 @@ def test_fused_backend_in_the_host(host, tiny_sd15, tiny_clip_vision, sampler, c
     # and two sampling steps with CFG amplify that
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     assert (got - _run(sampler, cond, "sd15", model)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_foreign_patch_on_the_same_keys_keeps_working(host, ipadapter_plus, kind, tiny_sd15, tiny_sdxl,
+                                                      tiny_clip_vision, sampler, cond, tmp_path):
+    """ComfyUI_IPAdapter_plus patches first (SD1.5: on 2-element keys), ours second: its image
+    prompt must still act, exactly as if it had stacked both adapters itself."""
+    from ipadapter_fused.models import load_adapter_state
+
+    torch = host.torch
+    model = (tiny_sd15 if kind == "sd15" else tiny_sdxl)()
+    cv = tiny_clip_vision(**CLIP)
+    a, path_a = _adapter(host, model, "base", tmp_path, seed=1)
+    b, path_b = _adapter(host, model, "base", tmp_path, seed=2)
+    img_a, img_b = _image(torch, 1), _image(torch, 2)
+    execute = ipadapter_plus.IPAdapterPlus.ipadapter_execute
+    theirs_a, _ = execute(model.clone(), load_adapter_state(path_a), cv, image=img_a, weight=0.8)
+    mixed = _apply(theirs_a, b, cv, img_b, weight=0.6, middle_block="skip (IPAdapter_plus compatible)")
+    both_theirs, _ = execute(theirs_a, load_adapter_state(path_b), cv, image=img_b, weight=0.6)
+    got = _run(sampler, cond, kind, mixed)
+    torch.testing.assert_close(got, _run(sampler, cond, kind, both_theirs), atol=1e-5, rtol=1e-5)
+    assert (got - _run(sampler, cond, kind, _apply(model, b, cv, img_b, weight=0.6,
+                                                   middle_block="skip (IPAdapter_plus compatible)"))).abs().max() > 1e-4
+
+
+def test_run_cache_is_released_after_sampling(host, tiny_sd15, tiny_clip_vision, sampler, cond, tmp_path):
+    torch = host.torch
+    model = tiny_sd15()
+    cv = tiny_clip_vision(**CLIP)
+    adapter, _ = _adapter(host, model, "base", tmp_path)
+    patched = _apply(model, adapter, cv, _image(torch))
+    attn2 = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    entry = next(iter(attn2.values())).entries[0]
+    seen = []
+    orig = entry.layer_kv
+    entry.layer_kv = lambda *a: (seen.append(a[0]), orig(*a))[1]
+    _run(sampler, cond, "sd15", patched)
+    assert sorted(set(seen)) == list(range(16)) and len(seen) == 16, "K/V once per layer per run"
+    assert not entry._cache, "K/V, masks and packs are dropped when sampling ends"
