@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,19 +108,20 @@ class IPAdapterWeights(nn.Module):
             raise IndexError(f"layer {i} out of range: this adapter has {self.spec.num_layers} layers")
         return self.ip_adapter[str(2 * i + 1)]
 
-    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _check_tokens(self, tokens: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[-1] != self.spec.context_dim:
             raise ValueError(
                 f"image tokens have width {tokens.shape[-1]}, but this adapter's layers read "
                 f"width {self.spec.context_dim}"
             )
-        p = self._param()
+        p = self._param() if like is None else like
         return tokens.to(device=p.device, dtype=p.dtype)
 
     def layer_kv(self, i: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of layer i for tokens (B, T, C): two (B, T, layer_dims[i]) tensors."""
         layer = self._layer(i)
-        tokens = self._check_tokens(tokens)
+        # the layer's own weight decides: a partially loaded model may hold layers on two devices
+        tokens = self._check_tokens(tokens, layer.to_k_ip.weight)
         return F.linear(tokens, layer.to_k_ip.weight), F.linear(tokens, layer.to_v_ip.weight)
 
     def all_layer_kv(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

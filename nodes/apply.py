@@ -22,10 +22,22 @@ def _describe_model(sites) -> str:
     return f"{name} ({n} cross-attention layers, context width {ctx})"
 
 
-def check_adapter_fits(spec, sites) -> None:
+def _is_kolors_adapter(spec) -> bool:
+    # Kolors' Plus adapters are SDXL-shaped but carry a 2048-wide resampler (SDXL Plus: 1280)
+    return spec.layout == "plus" and spec.context_dim == 2048 and spec.resampler_dim == 2048
+
+
+def check_adapter_fits(spec, sites, kolors_model: bool = False) -> None:
     """Raise a ValueError naming the mismatch and what would fit."""
     if not sites:
         raise ValueError("this model has no cross-attention layers to patch")
+    # Kolors and SDXL UNets have the same layer shapes; only the model tells them apart.
+    if _is_kolors_adapter(spec) and not kolors_model:
+        raise ValueError("this IP-Adapter was made for Kolors, but the model is not a Kolors UNet; "
+                         "use an SDXL IP-Adapter (e.g. ip-adapter-plus_sdxl_vit-h) with this model")
+    if kolors_model and not _is_kolors_adapter(spec):
+        raise ValueError("the model is a Kolors UNet; use a Kolors IP-Adapter "
+                         "(e.g. Kolors-IP-Adapter-Plus) with it")
     widths = tuple(s.width for s in sites)
     ctx = {s.context_dim for s in sites}
     if spec.num_layers != len(sites) or spec.context_dim not in ctx or tuple(spec.layer_dims) != widths:
@@ -91,8 +103,9 @@ def apply_adapter(
         raise ValueError("no CLIP vision model connected: load the one the adapter needs with a CLIP Vision loader")
 
     spec = adapter.spec
-    sites = unet_attn2_sites(model.get_model_object("diffusion_model"))
-    check_adapter_fits(spec, sites)
+    unet = model.get_model_object("diffusion_model")
+    sites = unet_attn2_sites(unet)
+    check_adapter_fits(spec, sites, kolors_model=getattr(unet, "encoder_hid_proj", None) is not None)
     site_weights = resolve_site_weights(sites, weight_type, weight, weight_composition, layer_weights)
     mask = _check_mask(attn_mask)
 

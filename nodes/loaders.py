@@ -9,6 +9,8 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+import torch
+
 FOLDER = "ipadapter"
 EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 
@@ -62,12 +64,15 @@ def load_adapter(name: str) -> LoadedAdapter:
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
         raise FileNotFoundError(f"IP-Adapter file {name!r} was not found in the '{FOLDER}' model folder")
-    key = _file_key(path) + (mm.unet_dtype(),)
+    dtype = mm.unet_dtype()
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # e.g. fp8 UNets: keep the adapter in 16 bits
+        dtype = torch.float16 if mm.should_use_fp16() else torch.float32
+    key = _file_key(path) + (dtype,)
     with _lock:
         hit = _adapters.get(key)
         if hit is not None:
             return hit
-        weights = load_adapter_file(path).to(dtype=mm.unet_dtype())
+        weights = load_adapter_file(path).to(dtype=dtype)
         weights.eval().requires_grad_(False)
         patcher = comfy.model_patcher.ModelPatcher(
             weights, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

@@ -105,9 +105,7 @@ class AppliedAdapter:
         tokens = self.tokens
         if sw.swap:
             tokens = torch.stack([torch.zeros_like(tokens[0]), tokens[0]])
-        param = next(self.weights.parameters())
         with torch.no_grad():
-            tokens = tokens.to(param.device, param.dtype)
             # One projection per row with the images as the batch, the shapes the established
             # implementation multiplies with, so its results are reproduced bit for bit; the
             # images' tokens are then joined into one context (concat).
