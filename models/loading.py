@@ -155,8 +155,8 @@ def flatten_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def load_adapter_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """Read an adapter file into ``{"image_proj": {...}, "ip_adapter": {...}, ...}``.
 
-    Safetensors files are read directly; pickles only through ``torch.load(...,
-    weights_only=True)``, so a pickle that would construct arbitrary objects is refused
+    Safetensors files are read directly; pickles only through torch's weights-only
+    unpickler (weights_only=True), so a pickle that would construct arbitrary objects is refused
     (AdapterFormatError) instead of executed. Any other top-level groups in the file are
     returned too, so that detection can say what the file really is."""
     path = os.fspath(path)
