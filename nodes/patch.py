@@ -7,7 +7,8 @@ themselves from deepcopy: the host deep-copies model_options on every clone().
 
 An `AppliedAdapter` is one apply node's result: image tokens, per-layer weights, the
 sampling window and an optional mask. Its K/V per layer are computed the first time a
-run needs them, kept for the rest of the run and released when sampling ends."""
+run needs them, packed with those of the other adapters on the same key, kept for the
+rest of the run and released when sampling ends."""
 from __future__ import annotations
 
 import hashlib
@@ -90,17 +91,15 @@ class AppliedAdapter:
         return self
 
     def release(self):
-        """Drop the K/V, masks and indices computed for a run."""
+        """Drop the packed K/V and masks of a run."""
         self._cache.clear()
 
     def active(self, sigma: Optional[float]) -> bool:
         return sigma is None or (self.sigma_end <= sigma <= self.sigma_start)
 
     def layer_kv(self, layer: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("kv", layer, device, dtype)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
+        """This adapter's image K/V at one layer, rows (positive, negative). Called only when
+        a patch packs its contexts, i.e. once per run and layer."""
         sw = self.site_weights[layer]
         tokens = self.tokens
         if sw.swap:
@@ -122,29 +121,19 @@ class AppliedAdapter:
                     v = (v - mean) + mean * w
                 else:
                     v = v * w
-        hit = (k.to(device, dtype), v.to(device, dtype))
-        self._cache[key] = hit
-        return hit
+        return k.to(device, dtype), v.to(device, dtype)
 
-    def _batch_index(self, cond_or_uncond: tuple, batch: int, device) -> torch.Tensor:
-        key = ("rows", cond_or_uncond, batch, device)
-        hit = self._cache.get(key)
-        if hit is None:
-            per_chunk = batch // len(cond_or_uncond)
-            # 1 is the negative (uncond) chunk; every other chunk reads the positive tokens.
-            rows = [1 if c == 1 else 0 for c in cond_or_uncond for _ in range(per_chunk)]
-            hit = self._cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
-        return hit
+    @staticmethod
+    def _batch_index(cond_or_uncond: tuple, batch: int, device) -> torch.Tensor:
+        per_chunk = batch // len(cond_or_uncond)
+        # 1 is the negative (uncond) chunk; every other chunk reads the positive tokens.
+        rows = [1 if c == 1 else 0 for c in cond_or_uncond for _ in range(per_chunk)]
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
     def _mask_rows(self, extra_options: dict, cond_or_uncond: tuple, batch: int, seq_len: int, device, dtype):
         _, _, lh, lw = extra_options["original_shape"]
-        key = ("mask", lh, lw, seq_len, cond_or_uncond, batch, device, dtype)
-        hit = self._cache.get(key)
-        if hit is None:
-            rows = mask_to_tokens(self.mask.to(device), lh, lw, seq_len)
-            rows = tensor_to_size(rows, batch // len(cond_or_uncond)).repeat(len(cond_or_uncond), 1)
-            hit = self._cache[key] = rows.to(dtype)
-        return hit
+        rows = mask_to_tokens(self.mask.to(device), lh, lw, seq_len)
+        return tensor_to_size(rows, batch // len(cond_or_uncond)).repeat(len(cond_or_uncond), 1).to(dtype)
 
     def context(self, layer: int, q: torch.Tensor, extra_options: dict) -> Optional[ImageContext]:
         sw = self.site_weights[layer]
