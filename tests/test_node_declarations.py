@@ -48,3 +48,33 @@ def test_weight_types_cover_the_established_list(nodes):
                    "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
                    "style and composition", "style transfer precise", "composition precise"]
     assert all(w in choices for w in established) and "custom" in choices
+
+
+def _fake_folder_paths(monkeypatch, known):
+    fake = types.ModuleType("folder_paths")
+    fake.models_dir = "/models"
+    fake.folder_names_and_paths = dict(known)
+
+    def add_model_folder_path(name, path, is_default=False):
+        paths, exts = fake.folder_names_and_paths.setdefault(name, ([], set()))
+        if path not in paths:
+            paths.append(path)
+
+    fake.add_model_folder_path = add_model_folder_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    return fake
+
+
+def test_folder_registration_keeps_user_paths(monkeypatch):
+    from ipadapter_fused.nodes.loaders import register_folder
+
+    fake = _fake_folder_paths(monkeypatch, {"ipadapter": (["/shared/ipadapter"], {".safetensors"})})
+    register_folder()
+    paths, exts = fake.folder_names_and_paths["ipadapter"]
+    assert paths == ["/shared/ipadapter", "/models/ipadapter"]
+    assert {".safetensors", ".bin"} <= set(exts)
+
+    fake = _fake_folder_paths(monkeypatch, {})
+    register_folder()
+    register_folder()  # loading twice adds nothing
+    assert fake.folder_names_and_paths["ipadapter"][0] == ["/models/ipadapter"]
