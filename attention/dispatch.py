@@ -8,7 +8,9 @@ Rules for backend="auto" (first match wins):
      contexts, odd dtypes, mismatched shapes...: see fused_triton.fused_unsupported_reason);
   4. torch when the prefer-torch rule says the fused kernel would be slower (see
      set_prefer_torch_rule);
-  5. triton otherwise.
+  5. torch on a device where the kernel failed its one-time self-check against the torch
+     reference (a warning says why);
+  6. triton otherwise.
 backend="triton" skips rules 2-4 and raises instead of falling back; backend="torch" always
 runs the reference.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -165,7 +168,55 @@ def select_backend(
         return "torch"
     if _prefer_torch_rule(_shape_of(q, k_text, contexts, heads, layout)):
         return "torch"
+    if not _kernel_verified(q.device):
+        return "torch"
     return "triton"
+
+
+_verified: dict = {}
+
+
+def _self_check(device: torch.device) -> Optional[str]:
+    """None when the compiled kernel matches the torch reference on `device`, else why not.
+
+    A kernel that compiles but computes wrong (a driver, a Triton release, an architecture
+    nobody ran it on) must not reach users' pictures: "auto" checks each device once, on
+    small tensors covering a padded head dim, ragged tails, masks and batch routing."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dtypes = [torch.float16]
+    if device.type != "cuda" or torch.cuda.is_bf16_supported():
+        dtypes.append(torch.bfloat16)
+    try:
+        for dtype in dtypes:
+            for d in (40, 64):
+                b, h, lq, lt = 2, 2, 70, 9
+                rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)
+                q, kt, vt = rnd(b, lq, h * d), rnd(b, lt, h * d), rnd(b, lt, h * d)
+                ctxs = [ImageContext(rnd(2, 5, h * d), rnd(2, 5, h * d), weight=0.7, mask=torch.rand(b, lq, generator=g).to(device),
+                                     batch_index=torch.tensor([1, 0], device=device)),
+                        ImageContext(rnd(1, 17, h * d), rnd(1, 17, h * d), weight=-0.4)]
+                ref = decoupled_attention_torch(q, kt, vt, ctxs, h)
+                got = fused_triton.fused_decoupled_attention(
+                    q.to(dtype), kt.to(dtype), vt.to(dtype),
+                    [dataclasses.replace(c, k=c.k.to(dtype), v=c.v.to(dtype)) for c in ctxs], h)
+                err = (got.float() - ref).abs().max().item()
+                if not err <= 5e-2:  # also catches NaN
+                    return f"max error {err:.3g} against the torch reference ({dtype}, head dim {d})"
+    except Exception as exc:  # compile or launch failure
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _kernel_verified(device: torch.device) -> bool:
+    key = (device.type, device.index)
+    if key not in _verified:
+        reason = _self_check(device)
+        if reason is not None:
+            logging.warning("IPAdapter Fused: the fused attention kernel failed its self-check on %s (%s); "
+                            "using the torch path there. Please report this with your GPU and Triton version.",
+                            device, reason)
+        _verified[key] = reason is None
+    return _verified[key]
 
 
 def _runs_natively(q: torch.Tensor) -> bool:

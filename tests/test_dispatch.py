@@ -68,6 +68,7 @@ def spy(monkeypatch):
 def native(monkeypatch):
     """Pretend CPU tensors run the compiled kernel, to reach the shape rules of "auto"."""
     monkeypatch.setattr(dispatch, "_runs_natively", lambda q: True)
+    monkeypatch.setattr(dispatch, "_verified", {("cpu", None): True})
 
 
 def test_cpu_auto_runs_torch(spy):
@@ -250,3 +251,41 @@ def test_attention_fn_used_by_torch_path():
 
     decoupled_attention(q, kt, vt, ctxs, 2, backend="torch", attention_fn=attn)
     assert calls == [10, 4]
+
+
+@needs_triton
+def test_auto_checks_the_kernel_once_per_device(monkeypatch):
+    """A kernel that passes its self-check is used; one that computes wrong, or fails to
+    launch, is replaced by the torch path on that device with a warning."""
+    monkeypatch.setattr(dispatch, "_runs_natively", lambda q: True)
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    q, kt, vt, ctxs = _inputs()
+    kw = dict(k_text=kt, v_text=vt, contexts=ctxs, heads=2)
+
+    monkeypatch.setattr(dispatch, "_verified", {})
+    assert select_backend(q, **kw) == "triton"  # the real kernel, under the interpreter
+    assert dispatch._verified == {("cpu", None): True}
+
+    real = fused_triton.fused_decoupled_attention
+    for broken in (lambda *a, **k: real(*a, **k) * 1.1,
+                   lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX compile failed"))):
+        monkeypatch.setattr(dispatch, "_verified", {})
+        monkeypatch.setattr(fused_triton, "fused_decoupled_attention", broken)
+        with _warns_logged(monkeypatch) as logged:
+            assert select_backend(q, **kw) == "torch"
+            assert select_backend(q, **kw) == "torch"
+        assert len(logged) == 1 and "self-check" in logged[0]
+        out = decoupled_attention(q, kt, vt, ctxs, 2)
+        torch.testing.assert_close(out, decoupled_attention_torch(q, kt, vt, ctxs, 2))
+
+
+class _warns_logged:
+    def __init__(self, monkeypatch):
+        self.mp, self.msgs = monkeypatch, []
+
+    def __enter__(self):
+        self.mp.setattr(dispatch.logging, "warning", lambda msg, *a: self.msgs.append(msg % a))
+        return self.msgs
+
+    def __exit__(self, *exc):
+        return False
