@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import AdapterSpec, _as_groups, detect_family
-from .loading import AdapterFormatError, _example_list, load_adapter_state
+from .loading import AdapterFormatError, _example_list, load_adapter_state, read_safetensors_header
 from .projections import build_projection
 
 __all__ = ["IPAdapterWeights", "load_adapter_file"]
@@ -27,6 +27,24 @@ class _LayerKV(nn.Module):
         super().__init__()
         self.to_k_ip = nn.Linear(context_dim, width, bias=False)
         self.to_v_ip = nn.Linear(context_dim, width, bias=False)
+
+
+def _check_finite(flat: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite weights: they would turn every image black many steps later.
+    One tensor at a time, so the check never holds more than one tensor's mask."""
+    bad = []
+    for key, t in flat.items():
+        if t.is_meta or not t.is_floating_point():
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            nans = int(torch.isnan(t).sum())
+            bad.append(f"{key!r} ({nans} NaN, {int((~finite).sum()) - nans} infinite)")
+    if bad:
+        raise AdapterFormatError(
+            f"weights {', '.join(bad[:3])}{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''} hold NaN or "
+            "infinite values; the file is damaged "
+            "(or was saved from a diverged training run) — download it again")
 
 
 class IPAdapterWeights(nn.Module):
@@ -69,6 +87,7 @@ class IPAdapterWeights(nn.Module):
                 parts.append(f"unexpected keys {_example_list(unexpected, 4)}")
             raise AdapterFormatError(f"cannot load this {spec.family_name}: " + "; ".join(parts))
 
+        _check_finite(flat)
         dtypes = {t.dtype for t in flat.values()}
         target = dtypes.pop() if len(dtypes) == 1 else torch.float32
         # assign=True adopts these tensors as the parameters; they must be contiguous for
@@ -142,11 +161,33 @@ class IPAdapterWeights(nn.Module):
         return self.spec.describe()
 
 
+def _header_state(path: str) -> Optional[dict[str, torch.Tensor]]:
+    """The file's tensors as meta tensors (names, shapes, dtypes, no data), for safetensors."""
+    header = read_safetensors_header(path)
+    if header is None:
+        return None
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in header.items()}
+
+
 def load_adapter_file(path: str | os.PathLike) -> IPAdapterWeights:
-    """Read, detect and build: the one call the node layer needs."""
+    """Read, detect and build: the one call the node layer needs.
+
+    A safetensors file is first judged from its header alone (keys, shapes, dtypes), so a
+    multi-gigabyte UNet or LoRA put in the adapter folder is refused before its data is read.
+    Every AdapterFormatError starts with the file's name."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    try:
+        preview = _header_state(path) if os.path.isfile(path) else None
+    except AdapterFormatError:
+        preview = None  # load_adapter_state reports the damaged header
+    if preview is not None:
+        try:
+            detect_family(preview)
+        except AdapterFormatError as e:
+            raise AdapterFormatError(f"{name}: {e}") from e
     state = load_adapter_state(path)
     try:
         return IPAdapterWeights.from_state(state)
     except AdapterFormatError as e:
-        raise AdapterFormatError(f"{os.path.basename(os.fspath(path))}: {e}") from e
-
+        raise AdapterFormatError(f"{name}: {e}") from e

@@ -148,6 +148,9 @@ def _foreign_hint(keys: list[str]) -> str:
         return "this looks like an XLabs Flux IP-Adapter, which is not supported yet"
     if has(lambda k: k.startswith(("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks."))):
         return "this looks like (part of) a DiT model such as Flux or SD3, not a UNet IP-Adapter"
+    if has(lambda k: k.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.",
+                                   "diffusion_model.", "label_emb."))):
+        return "this looks like a UNet (diffusion model) state dict (it belongs in models/diffusion_models)"
     if has(lambda k: k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "unet."))):
         return "this looks like a diffusers UNet or ControlNet, not an IP-Adapter"
     if has(lambda k: "quant_conv." in k):

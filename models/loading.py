@@ -6,10 +6,12 @@ Both end up in the same grouped form, ``{group: {key: tensor}}``, so that detect
 loading never care which container a file used."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +23,7 @@ __all__ = [
     "group_state",
     "flatten_state",
     "GROUP_ALIASES",
+    "read_safetensors_header",
 ]
 
 
@@ -44,15 +47,46 @@ def _example_list(items, limit: int = _MAX_LISTED) -> str:
     return shown
 
 
-def _looks_like_safetensors(path: str, size: int) -> bool:
-    # safetensors starts with a little-endian u64 header length followed by a JSON object;
-    # checking the bytes (not the extension) lets a misnamed file still load correctly.
+# A real adapter's header is a few kilobytes (a whole SDXL checkpoint's, ~200 KB); this is
+# the safetensors library's own ceiling. Anything above it is refused before reading it.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype names -> torch dtypes, for describing a file from its header alone.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+
+
+def _fail(name: str, problem: str) -> AdapterFormatError:
+    # every message starts with the file's name: the person reading it picked that file
+    return AdapterFormatError(f"{name}: {problem}")
+
+
+def _safetensors_header_length(path: str, size: int) -> int | None:
+    """The header length a safetensors file declares, checked against the file size before
+    anything is read or allocated; None when the bytes do not look like safetensors."""
+    name = os.path.basename(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9:
-        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
     (n,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 8 + n <= size
+    if 8 + n <= min(size, 8 + MAX_HEADER_BYTES):
+        return n
+    # torch checkpoints start with these bytes; a pickle or zip may have '{' at offset 8 by chance
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if n > MAX_HEADER_BYTES and 8 + n <= size:
+        raise _fail(name, f"the safetensors header claims {n:,} bytes, more than any model's header "
+                          f"({MAX_HEADER_BYTES:,}); the file is damaged or not a model")
+    raise _fail(name, f"the safetensors header claims {n:,} bytes, but the whole file has only {size:,}; "
+                      "the file is truncated or damaged — download it again")
 
 
 def _looks_like_torch_pickle(path: str) -> bool:
@@ -65,12 +99,57 @@ def _looks_like_torch_pickle(path: str) -> bool:
 
 
 def _refusal_detail(message: str) -> str:
-    # torch's own message recommends weights_only=False, which is exactly the advice we must
-    # not pass on; keep only the line naming the object it refused.
+    # torch's own message recommends weights_only=False or allow-listing the refused global,
+    # which is exactly the advice we must not pass on; keep only what names the refused object.
     for line in message.splitlines():
         if re.search(r"unsupported|GLOBAL", line, re.IGNORECASE):
-            return line.strip()
+            return re.split(r"\.\s+Please use", line.strip())[0].rstrip(".")
     return ""
+
+
+def _zip_without_pickle(path: str) -> list[str] | None:
+    """The member names of a zip that is not a torch checkpoint (no data.pkl), else None.
+    Reads only the archive's directory."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return None
+    return names
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]] | None:
+    """Key -> (dtype, shape) from a safetensors header, without reading any tensor data.
+
+    None when the file is not safetensors or its header is not the plain layout this
+    description needs (the full reader then reports the problem)."""
+    path = os.fspath(path)
+    n = _safetensors_header_length(path, os.path.getsize(path))
+    if n is None:
+        return None
+    with open(path, "rb") as f:
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    out = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return None
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        shape = entry.get("shape")
+        if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return None
+        out[key] = (dtype, tuple(shape))
+    return out
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
@@ -79,14 +158,17 @@ def _read_safetensors(path: str) -> dict[str, Any]:
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise AdapterFormatError(
-            f"could not read {os.path.basename(path)!r} as safetensors ({e}); "
-            "the file may be truncated or damaged — download it again"
-        ) from e
+        raise _fail(os.path.basename(path),
+                    f"the file could not be read as safetensors ({e}); the file may be truncated or damaged — "
+                    "download it again") from e
 
 
 def _read_pickle(path: str) -> Any:
     name = os.path.basename(path)
+    members = _zip_without_pickle(path)
+    if members is not None:
+        raise _fail(name, f"the file is a zip archive holding {_example_list(members, 4) or 'nothing'}, not a torch "
+                          "checkpoint (no data.pkl); it is not an IP-Adapter")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -95,15 +177,13 @@ def _read_pickle(path: str) -> Any:
         # surfaces as assorted low-level errors from the zip reader or the unpickler.
         if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
             detail = _refusal_detail(str(e))
-            raise AdapterFormatError(
-                f"{name!r} is a pickle that contains non-tensor Python objects, so it was refused for "
-                f"safety: loading it could run arbitrary code{' (' + detail + ')' if detail else ''}. "
-                "Use a .safetensors version of this adapter instead (or convert it on a machine you trust)."
-            ) from e
-        raise AdapterFormatError(
-            f"could not read {name!r} as a torch checkpoint or safetensors file "
-            f"({type(e).__name__}: {e}); the file may be truncated or damaged"
-        ) from e
+            raise _fail(name,
+                        f"the file is a pickle that contains non-tensor Python objects, so it was refused for "
+                        f"safety: loading it could run arbitrary code{' (' + detail + ')' if detail else ''}. "
+                        "Use a .safetensors version of this adapter instead (or convert it on a machine "
+                        "you trust).") from e
+        raise _fail(name, f"the file could not be read as a torch checkpoint or safetensors file "
+                          f"({type(e).__name__}: {e}); the file may be truncated or damaged") from e
 
 
 def _flatten(obj: Mapping, prefix: str, out: dict[str, Any]) -> None:
@@ -165,29 +245,26 @@ def load_adapter_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Ten
     size = os.path.getsize(path)
     name = os.path.basename(path)
     if size == 0:
-        raise AdapterFormatError(f"{name!r} is empty (0 bytes); the download probably failed")
+        raise _fail(name, "the file is empty (0 bytes); the download probably failed")
     ext = os.path.splitext(path)[1].lower()
 
-    if _looks_like_safetensors(path, size):
+    if _safetensors_header_length(path, size) is not None:
         raw: Any = _read_safetensors(path)
     elif ext == ".safetensors":
-        raise AdapterFormatError(
-            f"{name!r} is named .safetensors but does not start with a safetensors header; "
-            "it is damaged, truncated, or a different kind of file renamed"
-        )
+        raise _fail(name, "the file is named .safetensors but does not start with a safetensors header; "
+                          "it is damaged, truncated, or a different kind of file renamed")
     elif _looks_like_torch_pickle(path):
         raw = _read_pickle(path)
     else:
-        raise AdapterFormatError(
-            f"{name!r} is neither a safetensors file nor a torch checkpoint (unrecognised first bytes); "
-            "it is damaged, truncated, or a different kind of file"
-        )
+        raise _fail(name, "the file is neither a safetensors file nor a torch checkpoint (unrecognised first bytes); "
+                          "it is damaged, truncated, or a different kind of file")
 
     if not isinstance(raw, Mapping):
-        raise AdapterFormatError(
-            f"{name!r} holds a {type(raw).__name__}, not a dictionary of weights; "
-            "an IP-Adapter file is a dictionary with 'image_proj' and 'ip_adapter' weights"
-        )
+        raise _fail(name, f"the file holds a {type(raw).__name__}, not a dictionary of weights; "
+                          "an IP-Adapter file is a dictionary with 'image_proj' and 'ip_adapter' weights")
     if not raw:
-        raise AdapterFormatError(f"{name!r} holds no weights at all")
-    return group_state(flatten_state(raw))
+        raise _fail(name, "the file holds no weights at all")
+    try:
+        return group_state(flatten_state(raw))
+    except AdapterFormatError as e:
+        raise _fail(name, str(e)) from e

@@ -3,6 +3,7 @@ import copy
 import os
 import pathlib
 import pickle
+import struct
 
 import pytest
 import torch
@@ -265,6 +266,95 @@ def test_damaged_containers(tmp_path):
             load_adapter_state(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         load_adapter_state(tmp_path / "absent.safetensors")
+
+
+def test_header_claiming_more_than_the_file_is_refused_unread(tmp_path, monkeypatch):
+    """The length is compared with the file size before anything is read: neither safetensors
+    nor our own header parser may be handed a claimed length it would have to allocate."""
+    import safetensors.torch
+
+    def must_not_run(*a, **k):
+        raise AssertionError("safetensors was asked to read a file whose header lies about its size")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", must_not_run)
+    for claim in (2**62, 2**40, 10_000):
+        path = tmp_path / "liar.safetensors"
+        path.write_bytes(struct.pack("<Q", claim) + b'{"a": {"dtype": "F32"' + b" " * 64)
+        with pytest.raises(AdapterFormatError) as info:
+            load_adapter_file(path)
+        msg = str(info.value)
+        assert msg.startswith("liar.safetensors: ") and f"claims {claim:,} bytes" in msg, msg
+        assert f"only {path.stat().st_size:,}" in msg
+    # a claim inside the file but beyond any real header (100 MB): refused the same way, sparse file
+    path = tmp_path / "big_header.bin"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 200 * 2**20) + b"{")
+        f.truncate(8 + 200 * 2**20 + 16)
+    with pytest.raises(AdapterFormatError, match="claims 209,715,200 bytes, more than any model"):
+        load_adapter_state(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["ip_adapter.3.to_v_ip.weight", "image_proj.norm.bias"])
+def test_non_finite_weights_refused_naming_the_key(tmp_path, value, where):
+    state = synthetic_adapter_state("base", [8, 16, 8], 12, 20)
+    state[where] = state[where].clone()
+    state[where].view(-1)[1] = value
+    save_file(state, tmp_path / "diverged.safetensors")
+    with pytest.raises(AdapterFormatError) as info:
+        load_adapter_file(tmp_path / "diverged.safetensors")
+    msg = str(info.value)
+    nan = 1 if value != value else 0
+    assert msg.startswith("diverged.safetensors: ") and f"'{where}' ({nan} NaN, {1 - nan} infinite)" in msg, msg
+    torch.save(nest_state(state), tmp_path / "diverged.bin")  # same check for pickles
+    with pytest.raises(AdapterFormatError, match=f"diverged.bin: .*'{where}'"):
+        load_adapter_file(tmp_path / "diverged.bin")
+
+
+def test_zip_that_is_not_a_checkpoint(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "photos.bin", "w") as z:
+        z.writestr("holiday/img1.jpg", b"\xff\xd8" + b"0" * 100)
+        z.writestr("notes.txt", "hi")
+    with pytest.raises(AdapterFormatError, match=r"photos\.bin: the file is a zip archive holding "
+                                                 r"'holiday/img1\.jpg', 'notes\.txt'.*no data\.pkl"):
+        load_adapter_file(tmp_path / "photos.bin")
+    # a real torch zip holding allowed but unexpected objects: named, not executed
+    torch.save({"ip_adapter": {"1.to_k_ip.weight": [1.0, 2.0]}, "note": "text"}, tmp_path / "objects.bin")
+    with pytest.raises(AdapterFormatError, match=r"objects\.bin: .*not tensors: 'ip_adapter\.1\.to_k_ip\.weight' "
+                                                 r"\(list\), 'note' \(str\)"):
+        load_adapter_file(tmp_path / "objects.bin")
+
+
+def test_refusal_never_advises_allow_listing(tmp_path):
+    torch.save({"a": torch.nn.Linear(2, 2)}, tmp_path / "module.bin")
+    with pytest.raises(AdapterFormatError) as info:
+        load_adapter_file(tmp_path / "module.bin")
+    msg = str(info.value)
+    assert "torch.nn.modules.linear.Linear" in msg and "refused for safety" in msg
+    for advice in ("add_safe_globals", "safe_globals", "weights_only=False", "weights_only` set to `False"):
+        assert advice not in msg
+
+
+def test_foreign_model_judged_from_its_header_alone(tmp_path):
+    """A UNet's header is enough to refuse it: the data after the header is cut off here, so a
+    reader that loaded the tensors first would fail with a damaged-file error instead."""
+    unet = {"input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3), "middle_block.1.proj_in.weight": torch.zeros(32, 32),
+            "time_embed.0.weight": torch.zeros(128, 32), "out.2.weight": torch.zeros(4, 32, 3, 3)}
+    save_file(unet, tmp_path / "unet.safetensors")
+    data = (tmp_path / "unet.safetensors").read_bytes()
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    (tmp_path / "unet.safetensors").write_bytes(data[:header_end + 16])
+    with pytest.raises(AdapterFormatError, match=r"^unet\.safetensors: found keys like 'input_blocks\.0\.0\.weight'.*"
+                                                 r"UNet \(diffusion model\).*models/diffusion_models"):
+        load_adapter_file(tmp_path / "unet.safetensors")
+    # integer tensors with an adapter's keys and shapes: refused from the header too
+    state = synthetic_adapter_state("base", [8, 16, 8], 12, 20)
+    save_file({k: (v * 100).to(torch.int32) for k, v in state.items()}, tmp_path / "ints.safetensors")
+    with pytest.raises(AdapterFormatError, match=r"^ints\.safetensors: weights .* of type torch\.int32; "
+                                                 r"expected floating-point"):
+        load_adapter_file(tmp_path / "ints.safetensors")
 
 
 def test_non_dict_pickle(tmp_path):
