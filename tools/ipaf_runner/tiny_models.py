@@ -1,0 +1,329 @@
+"""Tiny random-weight models in the real file layouts, for the selfcheck and the server tests.
+
+The host detects a model from its keys and shapes, so these files are what ComfyUI expects of an
+SD1.5 checkpoint (320 channels at every level, CLIP-L text encoder, TAESD as VAE), a CLIP ViT-L/14
+vision model and IP-Adapters (base, Plus, Full-face) made by the pack's models/synthetic.py. They are
+cached under ~/.cache/ipadapter_fused, keyed by SELFCHECK_MODELS_VERSION. Images made with them are
+noise; they show that the pack loads, patches and samples."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+from .errors import RunnerError, log
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+# Bump when the generated host models change (names, shapes, init): the cache is keyed by it.
+SELFCHECK_MODELS_VERSION = 1
+
+# Selfcheck file names (workflows/selfcheck_sd15.json refers to them).
+SC_CHECKPOINT = "ipaf_selfcheck_sd15.safetensors"
+SC_CLIP_VISION = "ipaf_selfcheck_clip_vision_vitl.safetensors"
+SC_ADAPTER = "ipaf_selfcheck_sd15_base.safetensors"
+SC_IMAGE = "ipaf_selfcheck_input.png"
+SC_PREFIX_IP = "ipaf_selfcheck_ip"
+SC_PREFIX_PLAIN = "ipaf_selfcheck_plain"
+# More adapters and a second UNet for the server tests
+ADAPTER_FILES = {"base": SC_ADAPTER, "plus": "ipaf_selfcheck_sd15_plus.safetensors",
+                 "full-face": "ipaf_selfcheck_sd15_full_face.safetensors"}
+SC_UNET_B = "ipaf_selfcheck_sd15_unet_b.safetensors"
+# SD1.5 attn2 sites of the selfcheck UNet: 16 layers, all 320 wide (channel_mult 1,1,1,1);
+# CLIP ViT-L/14: image_embeds 768 wide (base), penultimate hidden states 1024 wide (Plus, Full-face).
+SC_LAYER_DIMS = [320] * 16
+SC_CONTEXT = 768
+ENCODER_WIDTH = {"base": 768, "plus": 1024, "full-face": 1024}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ipadapter_fused"
+
+
+def _import_pack_module(name: str):
+    """Import a submodule of this pack (e.g. 'models.synthetic') without running the pack's __init__
+    (which imports the node classes)."""
+    pkg = "ipadapter_fused_tools_pkg"
+    if pkg not in sys.modules:
+        module = types.ModuleType(pkg)
+        module.__path__ = [str(PACK_ROOT)]
+        module.__package__ = pkg
+        sys.modules[pkg] = module
+    return importlib.import_module(f"{pkg}.{name}")
+
+
+def _gen(shape, fan_in, gen, scale=1.0):
+    import torch
+    return torch.randn(*shape, generator=gen) * (scale / max(1, fan_in) ** 0.5)
+
+
+def sd15_unet_state(model_channels=320, channel_mult=(1, 1, 1, 1), num_res_blocks=2, attn_levels=(0, 1, 2),
+                    context_dim=768, in_channels=4, seed=0, prefix="model.diffusion_model."):
+    """An LDM-layout UNet state dict (SD1.x key names; 1x1-conv proj_in/out; GEGLU feed-forward).
+
+    The host takes the structure from the keys: model_channels from input_blocks.0.0, the channel
+    multipliers from each ResBlock's out_layers.3, the attention depth from transformer_blocks.N, and
+    picks SD1.5 by context_dim 768 + model_channels 320 + conv proj_in + no label_emb."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    C = model_channels
+    T = 4 * C
+
+    def lin(name, out_f, in_f, bias=True, scale=1.0):
+        sd[prefix + name + ".weight"] = _gen((out_f, in_f), in_f, g, scale)
+        if bias:
+            sd[prefix + name + ".bias"] = torch.zeros(out_f)
+
+    def conv(name, out_c, in_c, k, bias=True, scale=1.0):
+        sd[prefix + name + ".weight"] = _gen((out_c, in_c, k, k), in_c * k * k, g, scale)
+        if bias:
+            sd[prefix + name + ".bias"] = torch.zeros(out_c)
+
+    def norm(name, c):
+        sd[prefix + name + ".weight"] = torch.ones(c)
+        sd[prefix + name + ".bias"] = torch.zeros(c)
+
+    def resblock(name, cin, cout):
+        norm(f"{name}.in_layers.0", cin)
+        conv(f"{name}.in_layers.2", cout, cin, 3)
+        lin(f"{name}.emb_layers.1", cout, T)
+        norm(f"{name}.out_layers.0", cout)
+        conv(f"{name}.out_layers.3", cout, cout, 3, scale=0.5)
+        if cin != cout:
+            conv(f"{name}.skip_connection", cout, cin, 1)
+
+    def transformer(name, c):
+        norm(f"{name}.norm", c)
+        conv(f"{name}.proj_in", c, c, 1)
+        b = f"{name}.transformer_blocks.0"
+        for attn, kv_dim in (("attn1", c), ("attn2", context_dim)):
+            lin(f"{b}.{attn}.to_q", c, c, bias=False)
+            lin(f"{b}.{attn}.to_k", c, kv_dim, bias=False)
+            lin(f"{b}.{attn}.to_v", c, kv_dim, bias=False)
+            lin(f"{b}.{attn}.to_out.0", c, c)
+        lin(f"{b}.ff.net.0.proj", 8 * c, c)
+        lin(f"{b}.ff.net.2", c, 4 * c)
+        for n in ("norm1", "norm2", "norm3"):
+            norm(f"{b}.{n}", c)
+        conv(f"{name}.proj_out", c, c, 1, scale=0.5)
+
+    lin("time_embed.0", T, C)
+    lin("time_embed.2", T, T)
+    conv("input_blocks.0.0", C, in_channels, 3)
+    skips = [C]
+    ch = C
+    idx = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            out_c = C * mult
+            resblock(f"input_blocks.{idx}.0", ch, out_c)
+            ch = out_c
+            if level in attn_levels:
+                transformer(f"input_blocks.{idx}.1", ch)
+            skips.append(ch)
+            idx += 1
+        if level != len(channel_mult) - 1:
+            conv(f"input_blocks.{idx}.0.op", ch, ch, 3)
+            skips.append(ch)
+            idx += 1
+    resblock("middle_block.0", ch, ch)
+    transformer("middle_block.1", ch)
+    resblock("middle_block.2", ch, ch)
+    idx = 0
+    for level in reversed(range(len(channel_mult))):
+        mult = channel_mult[level]
+        for i in range(num_res_blocks + 1):
+            skip = skips.pop()
+            out_c = C * mult
+            resblock(f"output_blocks.{idx}.0", ch + skip, out_c)
+            ch = out_c
+            sub = 1
+            if level in attn_levels:
+                transformer(f"output_blocks.{idx}.1", ch)
+                sub = 2
+            if level != 0 and i == num_res_blocks:
+                conv(f"output_blocks.{idx}.{sub}.conv", ch, ch, 3)
+            idx += 1
+    norm("out.0", ch)
+    conv("out.2", 4, ch, 3, scale=0.5)
+    return sd
+
+
+def clip_text_state(prefix="cond_stage_model.transformer.text_model.", width=768, layers=12, heads=12,
+                    intermediate=3072, vocab=49408, positions=77, seed=1):
+    """HF-layout CLIP text encoder (the host's SD1 text encoder config is fixed: ViT-L/14 text tower)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    sd = {prefix + "embeddings.token_embedding.weight": torch.randn(vocab, width, generator=g) * 0.02,
+          prefix + "embeddings.position_embedding.weight": torch.randn(positions, width, generator=g) * 0.01}
+    _encoder_layers(sd, prefix, layers, width, intermediate, g)
+    sd[prefix + "final_layer_norm.weight"] = torch.ones(width)
+    sd[prefix + "final_layer_norm.bias"] = torch.zeros(width)
+    return sd
+
+
+def _encoder_layers(sd, prefix, layers, width, intermediate, g):
+    """The HF CLIP encoder layers shared by the text and the vision tower."""
+    import torch
+    for i in range(layers):
+        p = f"{prefix}encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{n}.weight"] = _gen((width, width), width, g)
+            sd[p + f"self_attn.{n}.bias"] = torch.zeros(width)
+        sd[p + "mlp.fc1.weight"] = _gen((intermediate, width), width, g)
+        sd[p + "mlp.fc1.bias"] = torch.zeros(intermediate)
+        sd[p + "mlp.fc2.weight"] = _gen((width, intermediate), intermediate, g, 0.5)
+        sd[p + "mlp.fc2.bias"] = torch.zeros(width)
+        for n in ("layer_norm1", "layer_norm2"):
+            sd[p + n + ".weight"] = torch.ones(width)
+            sd[p + n + ".bias"] = torch.zeros(width)
+
+
+def clip_vision_state(width=1024, layers=24, intermediate=4096, patch=14, image_size=224, projection=768, seed=2):
+    """HF-layout CLIP vision tower. The host picks its config by keys: 23+ layers and 257 positions
+    select ViT-L/14 (width 1024, 24 layers, projection 768), the smallest it accepts."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    p = "vision_model."
+    positions = (image_size // patch) ** 2 + 1
+    sd = {p + "embeddings.class_embedding": torch.randn(width, generator=g) * 0.02,
+          p + "embeddings.patch_embedding.weight": _gen((width, 3, patch, patch), 3 * patch * patch, g),
+          p + "embeddings.position_embedding.weight": torch.randn(positions, width, generator=g) * 0.02}
+    for n in ("pre_layrnorm", "post_layernorm"):
+        sd[p + n + ".weight"] = torch.ones(width)
+        sd[p + n + ".bias"] = torch.zeros(width)
+    _encoder_layers(sd, p, layers, width, intermediate, g)
+    sd["visual_projection.weight"] = _gen((projection, width), width, g)
+    return sd
+
+
+def taesd_state(latent_channels=4, seed=3):
+    """Tiny AutoEncoder (TAESD) layout: taesd_encoder.* / taesd_decoder.* Sequential indices."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def conv(name, out_c, in_c, k=3, bias=True, scale=1.0):
+        sd[name + ".weight"] = _gen((out_c, in_c, k, k), in_c * k * k, g, scale)
+        if bias:
+            sd[name + ".bias"] = torch.zeros(out_c)
+
+    def block(name):
+        for j in (0, 2, 4):
+            conv(f"{name}.conv.{j}", 64, 64, scale=1.0 if j < 4 else 0.5)
+
+    e = "taesd_encoder"
+    conv(f"{e}.0", 64, 3)
+    block(f"{e}.1")
+    for start in (2, 6, 10):
+        conv(f"{e}.{start}", 64, 64, bias=False)
+        for k in range(1, 4):
+            block(f"{e}.{start + k}")
+    conv(f"{e}.14", latent_channels, 64)
+    d = "taesd_decoder"
+    conv(f"{d}.1", 64, latent_channels)
+    for i in (3, 4, 5, 8, 9, 10, 13, 14, 15, 18):
+        block(f"{d}.{i}")
+    for i in (7, 12, 17):
+        conv(f"{d}.{i}", 64, 64, bias=False)
+    conv(f"{d}.19", 3, 64, scale=0.3)
+    sd[f"{d}.19.bias"] = torch.full((3,), 0.5)
+    sd["vae_scale"] = torch.tensor(0.18215)
+    sd["vae_shift"] = torch.tensor(0.0)
+    return sd
+
+
+def _save(sd: dict, path: Path, dtype="float16") -> None:
+    import torch
+    from safetensors.torch import save_file
+    dt = getattr(torch, dtype)
+    out = {k: (v.to(dt) if v.is_floating_point() and v.dim() > 0 else v.float()).contiguous() for k, v in sd.items()}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    save_file(out, str(tmp), metadata={"generated_by": "ipadapter-fused selfcheck (random weights)"})
+    os.replace(tmp, path)
+
+
+def make_adapter(path: Path, layout: str = "base", layer_dims=SC_LAYER_DIMS, context_dim: int = SC_CONTEXT,
+                 encoder_width: int | None = None, seed: int = 0) -> Path:
+    """An IP-Adapter with random weights in the public key layout, made by the pack's models/synthetic.py;
+    by default one that fits the selfcheck UNet and CLIP vision model."""
+    try:
+        synthetic = _import_pack_module("models.synthetic")
+    except ImportError as exc:
+        raise RunnerError(f"the pack's models/synthetic.py is not importable ({exc}); it makes the tiny adapters")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part.safetensors")
+    synthetic.save_synthetic_adapter(str(tmp), layout, list(layer_dims), context_dim,
+                                     encoder_width or ENCODER_WIDTH[layout], seed=seed)
+    os.replace(tmp, path)
+    return path
+
+
+def make_input_image(path: Path, size: int = 96) -> Path:
+    """A small picture with structure (gradients and a red square): the image prompt's input."""
+    from PIL import Image
+    import numpy as np
+    yy, xx = np.mgrid[0:size, 0:size] * (96.0 / size)
+    img = np.stack([xx * 2.6, yy * 2.6, (xx + yy) * 1.3], -1)
+    q = size // 3
+    img[q:2 * q, q:2 * q] = [250, 40, 40]
+    Image.fromarray(np.clip(img, 0, 255).astype("uint8")).save(path)
+    return Path(path)
+
+
+def _cached(path: Path, what: str, make) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"making {path} ({what}) ...")
+        make(path)
+    return path
+
+
+def _make_checkpoint(path: Path) -> None:
+    sd = sd15_unet_state()
+    sd.update(clip_text_state())
+    sd.update({"first_stage_model." + k: v for k, v in taesd_state().items()})
+    _save(sd, path)
+
+
+def host_models(work_dir: Path, cache_dir: Path | None = None, adapters=("base",), unet_b: bool = False) -> dict:
+    """The tiny models, {host folder: [files]}: checkpoints and clip_vision (cached), ipadapter (the
+    layouts asked for, made afresh in work_dir: they follow the pack's models/synthetic.py and take
+    well under a second) and, with unet_b, diffusion_models/SC_UNET_B (cached; a UNet of the same
+    shape with other weights)."""
+    import torch
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    root = Path(cache_dir or default_cache_dir()) / f"selfcheck-models-v{SELFCHECK_MODELS_VERSION}"
+    t0 = time.time()
+    out = {
+        "checkpoints": [_cached(root / "checkpoints" / SC_CHECKPOINT,
+                                "SD1.5-layout UNet with 320 channels at every level, CLIP-L text encoder, TAESD as VAE",
+                                _make_checkpoint)],
+        "clip_vision": [_cached(root / "clip_vision" / SC_CLIP_VISION, "CLIP ViT-L/14 vision layout",
+                                lambda p: _save(clip_vision_state(), p))],
+        "ipadapter": [make_adapter(Path(work_dir) / "ipadapter" / ADAPTER_FILES[layout], layout)
+                      for layout in adapters],
+    }
+    if unet_b:
+        out["diffusion_models"] = [_cached(root / "diffusion_models" / SC_UNET_B, "a second UNet of the same shape",
+                                           lambda p: _save(sd15_unet_state(seed=7, prefix=""), p))]
+    if time.time() - t0 > 1:
+        log(f"tiny models ready in {time.time() - t0:.1f} s (cached in {root})")
+    return out
+
+
+def image_stats(paths: list) -> list[dict]:
+    import hashlib
+    from PIL import Image
+    import numpy as np
+    out = []
+    for p in paths:
+        a = np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
+        out.append({"path": str(p), "shape": list(a.shape), "min": float(a.min()), "max": float(a.max()),
+                    "std": float(a.std()), "sha1": hashlib.sha1(a.tobytes()).hexdigest()})
+    return out
