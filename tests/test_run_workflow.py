@@ -1,12 +1,11 @@
-"""tools/run_workflow.py without a host: workflow conversion, overrides, the websocket reader,
-the selfcheck's model layouts. Fast; runs in the pack's own venv."""
+"""The runner (tools/ipaf_runner) without a host: workflow conversion, overrides, the checks of the
+runner's arguments before the host starts, error messages, the selfcheck's model layouts. Fast; runs
+in the pack's own venv."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import socket
-import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,19 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+sys.path.insert(0, str(ROOT / "tools"))
 
-
-def _load_runner():
-    name = "ipadapter_fused_run_workflow"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "run_workflow.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rw = _load_runner()
+from ipaf_runner import cli, convert, tiny_models  # noqa: E402
+from ipaf_runner import run as runner_run  # noqa: E402
+from ipaf_runner.errors import RunnerError, UsageError, WorkflowError  # noqa: E402
 
 # A trimmed copy of a real host's /object_info (ComfyUI, Oct 2025) for the nodes the workflows use,
 # plus this pack's nodes as the host reports them (tooltips and long combo lists cut).
@@ -411,7 +402,7 @@ def test_shipped_workflows_convert(path):
     for lid, src, slot, dst, dslot, ltype in workflow["links"]:
         assert lid in (nodes[src]["outputs"][slot]["links"] or [])
         assert nodes[dst]["inputs"][dslot]["link"] == lid
-    prompt = rw.workflow_to_prompt(workflow, OBJECT_INFO)
+    prompt = convert.workflow_to_prompt(workflow, OBJECT_INFO)
     _check_prompt(prompt, workflow)
     apply = [n for n in prompt.values() if n["class_type"] == "IPAdapterFusedApply"]
     assert apply and all(a["inputs"]["weight_type"] == "linear" and a["inputs"]["middle_block"] == "patch"
@@ -421,8 +412,8 @@ def test_shipped_workflows_convert(path):
 
 
 def test_basic_workflows_use_public_file_names():
-    sd15 = rw.workflow_to_prompt(json.loads((ROOT / "workflows" / "sd15_basic.json").read_text()), OBJECT_INFO)
-    sdxl = rw.workflow_to_prompt(json.loads((ROOT / "workflows" / "sdxl_basic.json").read_text()), OBJECT_INFO)
+    sd15 = convert.workflow_to_prompt(json.loads((ROOT / "workflows" / "sd15_basic.json").read_text()), OBJECT_INFO)
+    sdxl = convert.workflow_to_prompt(json.loads((ROOT / "workflows" / "sdxl_basic.json").read_text()), OBJECT_INFO)
 
     def value(prompt, cls, name):
         return next(n["inputs"][name] for n in prompt.values() if n["class_type"] == cls)
@@ -436,10 +427,10 @@ def test_basic_workflows_use_public_file_names():
 
 
 def test_selfcheck_workflow_matches_the_runner():
-    wf = json.loads(rw.SELFCHECK_WORKFLOW.read_text())
-    prompt = rw.workflow_to_prompt(wf, OBJECT_INFO)
+    wf = json.loads(cli.SELFCHECK_WORKFLOW.read_text())
+    prompt = convert.workflow_to_prompt(wf, OBJECT_INFO)
     names = {json.dumps(v) for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str)}
-    for name in (rw.SC_CHECKPOINT, rw.SC_CLIP_VISION, rw.SC_ADAPTER, rw.SC_IMAGE, rw.SC_PREFIX_IP, rw.SC_PREFIX_PLAIN):
+    for name in (tiny_models.SC_CHECKPOINT, tiny_models.SC_CLIP_VISION, tiny_models.SC_ADAPTER, tiny_models.SC_IMAGE, tiny_models.SC_PREFIX_IP, tiny_models.SC_PREFIX_PLAIN):
         assert json.dumps(name) in names, name
     latent = next(n for n in prompt.values() if n["class_type"] == "EmptyLatentImage")["inputs"]
     assert latent["width"] <= 64 and latent["height"] <= 64
@@ -455,45 +446,45 @@ def test_selfcheck_workflow_matches_the_runner():
 # ---- widget mapping ------------------------------------------------------------------------------
 def test_seed_control_value_is_skipped():
     info = OBJECT_INFO["KSampler"]
-    got = rw.map_widget_values(info, [5, "randomize", 20, 7.5, "euler", "normal", 0.8])
+    got = convert.map_widget_values(info, [5, "randomize", 20, 7.5, "euler", "normal", 0.8])
     assert got == {"seed": 5, "steps": 20, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 0.8}
     # legacy saves stored a boolean there (the default template does)
-    assert rw.map_widget_values(info, [5, True, 20, 8, "euler", "normal", 1])["steps"] == 20
+    assert convert.map_widget_values(info, [5, True, 20, 8, "euler", "normal", 1])["steps"] == 20
     # and some tools save no control value at all
-    assert rw.map_widget_values(info, [5, 20, 8, "euler", "normal", 1])["steps"] == 20
+    assert convert.map_widget_values(info, [5, 20, 8, "euler", "normal", 1])["steps"] == 20
 
 
 def test_noise_seed_without_flag_still_gets_its_control_value():
     info = copy.deepcopy(OBJECT_INFO["KSamplerAdvanced"])
     info["input"]["required"]["noise_seed"] = ["INT", {"default": 0}]  # older hosts: no flag
     vals = ["enable", 9, "fixed", 25, 6.0, "euler", "karras", 0, 10000, "disable"]
-    got = rw.map_widget_values(info, vals)
+    got = convert.map_widget_values(info, vals)
     assert got["noise_seed"] == 9 and got["steps"] == 25 and got["return_with_leftover_noise"] == "disable"
 
 
 def test_upload_widget_value_is_skipped():
-    assert rw.map_widget_values(OBJECT_INFO["LoadImage"], ["pic.png", "image"]) == {"image": "pic.png"}
-    assert rw.map_widget_values(OBJECT_INFO["LoadImage"], ["pic.png"]) == {"image": "pic.png"}
+    assert convert.map_widget_values(OBJECT_INFO["LoadImage"], ["pic.png", "image"]) == {"image": "pic.png"}
+    assert convert.map_widget_values(OBJECT_INFO["LoadImage"], ["pic.png"]) == {"image": "pic.png"}
 
 
 def test_optional_widgets_missing_from_an_older_save():
     vals = [0.7, "ease in", 0.1, 0.9, "add", "K+V", "skip (IPAdapter_plus compatible)"]
-    got = rw.map_widget_values(OBJECT_INFO["IPAdapterFusedApply"], vals)
+    got = convert.map_widget_values(OBJECT_INFO["IPAdapterFusedApply"], vals)
     assert got["weight"] == 0.7 and got["middle_block"] == "skip (IPAdapter_plus compatible)"
     assert "layer_weights" not in got
 
 
 def test_dict_widget_values():
-    got = rw.map_widget_values(OBJECT_INFO["EmptyLatentImage"], {"width": 64, "height": 32, "batch_size": 2, "x": 1})
+    got = convert.map_widget_values(OBJECT_INFO["EmptyLatentImage"], {"width": 64, "height": 32, "batch_size": 2, "x": 1})
     assert got == {"width": 64, "height": 32, "batch_size": 2}
 
 
 def test_widget_inputs_follow_declaration_order_and_skip_sockets():
-    names = [n for n, _ in rw.widget_inputs(OBJECT_INFO["IPAdapterFusedApply"])]
+    names = [n for n, _ in convert.widget_inputs(OBJECT_INFO["IPAdapterFusedApply"])]
     assert names[:7] == ["weight", "weight_type", "start_at", "end_at", "combine_embeds", "embeds_scaling",
                          "middle_block"]
     assert "image_negative" not in names and "model" not in names
-    assert rw.is_widget_input(["INT", {"forceInput": True}]) is False
+    assert convert.is_widget_input(["INT", {"forceInput": True}]) is False
 
 
 # ---- graph features ------------------------------------------------------------------------------
@@ -544,7 +535,7 @@ def _graph():
 
 def test_reroute_primitive_note_and_muted_nodes():
     wf = _graph()
-    prompt = rw.workflow_to_prompt(wf, OBJECT_INFO)
+    prompt = convert.workflow_to_prompt(wf, OBJECT_INFO)
     assert set(prompt) == {"1", "3", "4", "5", "7", "8", "9"}
     ks = prompt["7"]["inputs"]
     assert ks["model"] == ["1", 0]          # through the Reroute
@@ -565,7 +556,7 @@ def test_bypassed_node_passes_its_matching_input_through():
                              widgets=[1.0, "linear", 0.0, 1.0, "concat", "V only", "patch", ""]))
     wf["links"][0] = [1, 12, 0, 2, 0, "MODEL"]
     wf["links"].append([13, 1, 0, 12, 0, "MODEL"])
-    prompt = rw.workflow_to_prompt(wf, OBJECT_INFO)
+    prompt = convert.workflow_to_prompt(wf, OBJECT_INFO)
     assert "12" not in prompt
     assert prompt["7"]["inputs"]["model"] == ["1", 0]
 
@@ -575,26 +566,26 @@ def test_schema_v1_link_objects():
     wf["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
                    for link in wf["links"]]
     wf["version"] = 1
-    assert rw.workflow_to_prompt(wf, OBJECT_INFO) == rw.workflow_to_prompt(_graph(), OBJECT_INFO)
+    assert convert.workflow_to_prompt(wf, OBJECT_INFO) == convert.workflow_to_prompt(_graph(), OBJECT_INFO)
 
 
 def test_unknown_node_type_is_a_clear_error():
     wf = _graph()
     wf["nodes"].append(_node(20, "SomeMissingPackNode", widgets=[]))
-    with pytest.raises(rw.WorkflowError, match="SomeMissingPackNode"):
-        rw.workflow_to_prompt(wf, OBJECT_INFO)
+    with pytest.raises(WorkflowError, match="SomeMissingPackNode"):
+        convert.workflow_to_prompt(wf, OBJECT_INFO)
 
 
 def test_api_prompt_passes_through_and_overrides():
     api = {"3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20}, "_meta": {"title": "Sampler"}},
            "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a"}}}
-    prompt = rw.workflow_to_prompt(api, OBJECT_INFO)
+    prompt = convert.workflow_to_prompt(api, OBJECT_INFO)
     assert prompt == api and prompt is not api
-    rw.apply_overrides(prompt, ["Sampler.steps=4", "3.seed=99", "SaveImage.filename_prefix=b c"])
+    convert.apply_overrides(prompt, ["Sampler.steps=4", "3.seed=99", "SaveImage.filename_prefix=b c"])
     assert prompt["3"]["inputs"] == {"seed": 99, "steps": 4}
     assert prompt["4"]["inputs"]["filename_prefix"] == "b c"
-    with pytest.raises(rw.RunnerError):
-        rw.apply_overrides(prompt, ["nope.steps=1"])
+    with pytest.raises(RunnerError):
+        convert.apply_overrides(prompt, ["nope.steps=1"])
 
 
 def test_format_node_errors():
@@ -602,57 +593,14 @@ def test_format_node_errors():
                "node_errors": {"4": {"class_type": "IPAdapterFusedLoader", "errors": [
                    {"message": "Value not in list", "details": "ipadapter_file: 'x' not in []",
                     "extra_info": {"input_name": "ipadapter_file"}}]}}}
-    text = rw.format_node_errors(payload, {})
+    text = runner_run.format_node_errors(payload, {})
     assert "node #4 IPAdapterFusedLoader" in text and "ipadapter_file" in text
 
 
-# ---- websocket reader ----------------------------------------------------------------------------
-def _frame(opcode, payload, fin=True):
-    head = bytes([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    if n < 126:
-        head += bytes([n])
-    elif n < 65536:
-        head += bytes([126]) + struct.pack(">H", n)
-    else:
-        head += bytes([127]) + struct.pack(">Q", n)
-    return head + payload
-
-
-def test_websocket_frames():
-    a, b = socket.socketpair()
-    try:
-        ws = object.__new__(rw.WebSocket)
-        ws.sock, ws.buf = a, b""
-        big = json.dumps({"type": "x", "data": "y" * 70000}).encode()
-        b.sendall(_frame(0x2, b"\x00\x01preview") + _frame(0x9, b"hi") + _frame(0x1, b'{"type": "sta', fin=False)
-                  + _frame(0x0, b'tus"}') + _frame(0x1, big))
-        assert ws.recv(timeout=2) == '{"type": "status"}'
-        pong = b.recv(100)
-        assert pong[0] == 0x8A and pong[1] & 0x80  # masked pong
-        mask, data = pong[2:6], pong[6:]
-        assert bytes(x ^ mask[i % 4] for i, x in enumerate(data)) == b"hi"
-        assert ws.recv(timeout=2) == big.decode()
-        assert ws.recv(timeout=0.05) is None
-        b.sendall(_frame(0x8, b""))
-        with pytest.raises(ConnectionError):
-            ws.recv(timeout=2)
-    finally:
-        a.close()
-        b.close()
-
-
 # ---- misc ----------------------------------------------------------------------------------------
-def test_torchvision_hook_installs_once():
-    rw.install_torchvision_fix()
-    rw.install_torchvision_fix()
-    mod = sys.modules[rw.TORCHVISION_FIX_MODULE]
-    assert sum(isinstance(f, mod._TorchvisionFinder) for f in sys.meta_path) == 1
-
-
 def test_selfcheck_unet_layout_is_sd15():
     torch = pytest.importorskip("torch")
-    sd = rw.sd15_unet_state(model_channels=32, prefix="")
+    sd = tiny_models.sd15_unet_state(model_channels=32, prefix="")
     to_k = sorted(k for k in sd if k.endswith("attn2.to_k.weight"))
     assert len(to_k) == 16
     assert all(tuple(sd[k].shape) == (32, 768) for k in to_k)
@@ -665,11 +613,114 @@ def test_selfcheck_unet_layout_is_sd15():
 
 def test_selfcheck_small_layouts():
     pytest.importorskip("torch")
-    tae = rw.taesd_state()
+    tae = tiny_models.taesd_state()
     assert tuple(tae["taesd_decoder.1.weight"].shape) == (64, 4, 3, 3)
     assert "taesd_encoder.14.bias" in tae and "taesd_decoder.19.bias" in tae
-    cv = rw.clip_vision_state(width=64, layers=23, intermediate=128, projection=32)
+    cv = tiny_models.clip_vision_state(width=64, layers=23, intermediate=128, projection=32)
     assert "vision_model.encoder.layers.22.layer_norm1.weight" in cv  # the host's ViT-L detection key
     assert tuple(cv["vision_model.embeddings.position_embedding.weight"].shape) == (257, 64)
-    te = rw.clip_text_state(width=32, layers=2, intermediate=64, vocab=100)
+    te = tiny_models.clip_text_state(width=32, layers=2, intermediate=64, vocab=100)
     assert tuple(te["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape) == (100, 32)
+
+
+# ---- the runner's arguments, checked before the host starts ----------------------------------------
+def _sd15_workflow():
+    return json.loads((ROOT / "workflows" / "sd15_basic.json").read_text())
+
+
+def test_set_with_a_misspelt_input_names_the_inputs_the_node_has():
+    prompt = convert.workflow_to_prompt(_sd15_workflow(), OBJECT_INFO)
+    with pytest.raises(UsageError, match=r"node #5 IPAdapterFusedApply has no input 'wieght'.*\bweight\b"):
+        convert.apply_overrides(prompt, ["5.wieght=0.5"], OBJECT_INFO)
+    assert prompt["5"]["inputs"]["weight"] == 1.0 and "wieght" not in prompt["5"]["inputs"]
+    convert.apply_overrides(prompt, ["5.weight=0.5", "KSampler.steps=4"], OBJECT_INFO)
+    assert prompt["5"]["inputs"]["weight"] == 0.5 and prompt["9"]["inputs"]["steps"] == 4
+
+
+def test_set_on_a_node_id_the_workflow_lacks_fails_before_start():
+    nodes = convert.sent_nodes(_sd15_workflow())
+    with pytest.raises(UsageError, match="no node #55"):
+        convert.check_override_nodes(nodes, ["55.weight=1"])
+    with pytest.raises(UsageError, match="expected NODE.INPUT=VALUE"):
+        convert.check_override_nodes(nodes, ["weight=1"])
+    # titles and class types pass; display names are only known to the host
+    convert.check_override_nodes(nodes, ["Reference image.image=x.png", "KSampler.steps=2", "Load Image.image=y"])
+
+
+def test_image_for_a_node_that_does_not_exist_or_loads_no_image(tmp_path):
+    pic = tmp_path / "ref.png"
+    pic.write_bytes(b"png")
+    nodes = convert.sent_nodes(_sd15_workflow())
+    with pytest.raises(UsageError, match=r"no node '99'.*#3 LoadImage"):
+        convert.plan_images(nodes, [f"99={pic}"])
+    with pytest.raises(UsageError, match=r"#6 CLIPTextEncode loads no image"):
+        convert.plan_images(nodes, [f"6={pic}"])
+    assert convert.plan_images(nodes, [f"3={pic}"]) == {"3": pic}
+    assert convert.plan_images(nodes, [f"Reference image={pic}"]) == {"3": pic}
+    assert convert.plan_images(nodes, [str(pic)]) == {"3": pic}
+
+
+def test_no_image_is_an_error_unless_the_example_picture_is_asked_for(tmp_path):
+    nodes = convert.sent_nodes(_sd15_workflow())
+    with pytest.raises(UsageError, match=r"#3 LoadImage has no picture.*--example-image.*'example.png'"):
+        convert.plan_images(nodes, [])
+    with pytest.raises(UsageError, match="'example.png', which is not in"):
+        convert.plan_images(nodes, [], example_folder=tmp_path)
+    (tmp_path / "example.png").write_bytes(b"png")
+    assert convert.plan_images(nodes, [], example_folder=tmp_path) == {"3": tmp_path / "example.png"}
+
+
+def test_missing_image_file_is_reported(tmp_path):
+    nodes = convert.sent_nodes(_sd15_workflow())
+    with pytest.raises(UsageError, match="no such file"):
+        convert.plan_images(nodes, [str(tmp_path / "nope.png")])
+    with pytest.raises(UsageError, match="no such file"):
+        convert.plan_images(nodes, [f"3={tmp_path / 'nope.png'}"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "MISSING"], "no such file"),
+    (["--image", "99=PIC"], "no node '99'"),
+    ([], "has no picture"),
+    (["--image", "PIC", "--set", "55.weight=1"], "no node #55"),
+])
+def test_cli_reports_argument_mistakes_without_starting_the_host(tmp_path, monkeypatch, capsys, extra, message):
+    fake = tmp_path / "ComfyUI"
+    (fake / "input").mkdir(parents=True)
+    (fake / "main.py").write_text("raise SystemExit('the host must not start')\n")
+    pic = tmp_path / "ref.png"
+    pic.write_bytes(b"png")
+    extra = [str(pic) if a == "PIC" else f"99={pic}" if a == "99=PIC" else str(tmp_path / "missing.png")
+             if a == "MISSING" else a for a in extra]
+
+    def no_start(self):
+        raise AssertionError("the host was started")
+
+    monkeypatch.setattr(cli.ComfyServer, "start", no_start)
+    code = cli.main(["--comfyui", str(fake), str(ROOT / "workflows" / "sd15_basic.json"), "--cpu", *extra])
+    out = capsys.readouterr().out
+    assert code == 1 and message in out, out
+
+
+def test_node_failure_reaches_the_user_as_its_message_only():
+    prompt = {"5": {"class_type": "IPAdapterFusedApply", "inputs": {}, "_meta": {"title": "Apply IPAdapter (Fused)"}}}
+    error = {"node_id": "5", "node_type": "IPAdapterFusedApply",
+             "exception_type": "ComfyUI-IPAdapter-Fused.models.loading.AdapterError",
+             "exception_message": "ipaf.safetensors: the file is truncated (header says 1000 bytes, 10 on disk)",
+             "traceback": ['  File "/x/custom_nodes/ComfyUI-IPAdapter-Fused/models/loading.py", line 10\n']}
+    result = runner_run.RunResult(prompt_id="p", status="error", error=error, prompt=prompt)
+    with pytest.raises(runner_run.PromptFailed) as info:
+        result.raise_for_error()
+    text = str(info.value)
+    assert text == ("node #5 Apply IPAdapter (Fused) failed: "
+                    "ipaf.safetensors: the file is truncated (header says 1000 bytes, 10 on disk)")
+    assert info.value.code == 3
+    interrupted = runner_run.RunResult(prompt_id="p", status="interrupted", prompt=prompt)
+    assert interrupted.message() == "the prompt was interrupted"
+    runner_run.RunResult(prompt_id="p", status="success").raise_for_error()
+
+
+def test_entry_script_runs_the_package():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_workflow.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--example-image" in proc.stdout and "--selfcheck" in proc.stdout
