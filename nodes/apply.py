@@ -2,6 +2,7 @@
 so a bad input never leaves a half-patched model behind."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -62,8 +63,19 @@ def _check_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask.float().cpu()
 
 
+def check_mask_batch(mask: Optional[torch.Tensor], latent_batch: int) -> None:
+    """The latent batch is known only when sampling starts; one mask for all, or one per image."""
+    if mask is not None and mask.shape[0] not in (1, latent_batch):
+        raise ValueError(
+            f"attn_mask holds {mask.shape[0]} masks but the latent batch has {latent_batch} images; "
+            f"connect 1 mask (used for every image) or {latent_batch} (one per image)")
+
+
 def _release_wrapper(entry: AppliedAdapter):
     def wrapper(executor, *args, **kwargs):
+        noise = args[0] if args else kwargs.get("noise")
+        if noise is not None:
+            check_mask_batch(entry.mask, noise.shape[0])  # before any step runs
         try:
             return executor(*args, **kwargs)
         finally:
@@ -97,6 +109,10 @@ def apply_adapter(
         raise ValueError(f"unknown combine_embeds {combine_embeds!r}; choose one of: {', '.join(COMBINE_METHODS)}")
     if middle_block not in MIDDLE_BLOCK:
         raise ValueError(f"unknown middle_block {middle_block!r}; choose one of: {', '.join(MIDDLE_BLOCK)}")
+    for name, value in (("weight", weight), ("weight_composition", weight_composition),
+                        ("start_at", start_at), ("end_at", end_at)):
+        if not math.isfinite(value):  # NaN passes the host's min/max widget checks
+            raise ValueError(f"{name} is {value}; it must be a finite number")
     if not 0.0 <= start_at <= end_at <= 1.0:
         raise ValueError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in [0, 1]")
     if clip_vision is None:

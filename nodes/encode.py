@@ -3,23 +3,71 @@ conventions of the original IP-Adapter code, combining several references, and t
 adapter's projection network."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from ..models.encoding import COMBINE_METHODS
 from .patch import tensor_to_size
+
 _ENCODE_CHUNK = 16
+# The host resizes the shorter side to the encoder's size before cropping the centre, so a
+# 16 x 16384 strip becomes a 224 x 229376 float image (600 MB) on the way. Strips longer than
+# this many times their width are cut to their centre first; the cut keeps the centre square
+# the encoder sees (and a wide margin), so only such extreme strips are affected.
+_MAX_ASPECT = 16
+# Budget for the host's resized copies of one encoder call (bytes); big images go in small chunks.
+_RESIZE_BUDGET = 256 * 2**20
+# Below this a picture carries too little to describe; such inputs are nearly always a mistake
+# upstream (an empty crop, a placeholder), and the encoder would see a blur of a few pixels.
+MIN_IMAGE_SIDE = 16
+
+
+def check_image(image, what: str = "image") -> None:
+    """Raise a ValueError for an IMAGE input the encoder cannot use, before any work."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"the {what} input must be an IMAGE batch of shape (N, H, W, C), got {shape}")
+    n, h, w, c = image.shape
+    if n == 0:
+        raise ValueError(f"the {what} input holds no images (a batch of 0): connect at least one reference image")
+    if c not in (3, 4):
+        raise ValueError(f"the {what} input has {c} channels per pixel; an IMAGE has 3 (RGB) or 4 (RGBA)")
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"the {what} input is {w}x{h} pixels; a reference image needs at least {MIN_IMAGE_SIDE} pixels on each "
+            "side (the encoder would see a blur of a few pixels). Check the node that made it (crop, mask, batch).")
+    # min and max propagate NaN and show inf without the image-sized temporaries of isfinite
+    lo, hi = torch.aminmax(image)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        raise ValueError(f"the {what} input contains NaN or infinite pixel values")
+
+
+def _centre_strip(images: torch.Tensor) -> torch.Tensor:
+    h, w = images.shape[1:3]
+    short, long = min(h, w), max(h, w)
+    if long <= _MAX_ASPECT * short:
+        return images
+    keep = _MAX_ASPECT * short
+    start = (long - keep) // 2
+    return images[:, start:start + keep] if h > w else images[:, :, start:start + keep]
 
 
 def _encode(clip_vision, images: torch.Tensor, what: str) -> torch.Tensor:
     import comfy.utils
 
+    size = int(getattr(clip_vision, "image_size", 224) or 224)
+    images = _centre_strip(images)
+    h, w = images.shape[1:3]
+    scale = size / min(h, w)
+    resized = round(scale * h) * round(scale * w) * 3 * 4  # float32 bytes per image after the host's resize
+    chunk = max(1, min(_ENCODE_CHUNK, _RESIZE_BUDGET // max(resized, h * w * 3 * 4)))
     outs = []
-    chunks = list(torch.split(images, _ENCODE_CHUNK, dim=0))
+    chunks = list(torch.split(images, chunk, dim=0))
     bar = comfy.utils.ProgressBar(len(chunks)) if len(chunks) > 1 else None
-    for chunk in chunks:
-        out = clip_vision.encode_image(chunk)
+    for part in chunks:
+        out = clip_vision.encode_image(part)
         outs.append(out[what])
         if bar is not None:
             bar.update(1)
@@ -38,8 +86,9 @@ def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Option
     negative image's embeds)."""
     from ..models.encoding import check_embeds
 
-    if image is None or image.shape[0] == 0:
-        raise ValueError("the image input holds no images (a batch of 0): connect at least one reference image")
+    check_image(image, "image")
+    if image_negative is not None:
+        check_image(image_negative, "image_negative")
     what = encoder_output_name(spec)
     pos = _encode(clip_vision, image, what)
     width = pos.shape[-1]
@@ -49,7 +98,7 @@ def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Option
             f"CLIP vision model gives width {width}. Load the CLIP vision model the adapter was trained with."
         )
     check_embeds(pos, "image embeddings")
-    if image_negative is not None and image_negative.shape[0] > 0:
+    if image_negative is not None:
         neg = _encode(clip_vision, image_negative, what)
     elif spec.encoder_input == "penultimate":
         size = getattr(clip_vision, "image_size", 224)

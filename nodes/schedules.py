@@ -8,6 +8,7 @@ SD1.5 and 11 in SDXL. That is what the established implementation keys its table
 so the same numbers give the same pictures."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -104,6 +105,8 @@ def parse_layer_weights(text: str, n_transformers: int) -> dict[int, float]:
             f"layer_weights {text!r} is not understood: write 'index:factor' pairs separated by commas "
             f"(e.g. '0:1.0, 6:0.5') or {n_transformers} comma-separated factors"
         ) from None
+    if not all(math.isfinite(f) for f in out.values()):
+        raise ValueError(f"layer_weights {text!r} holds a factor that is not a finite number (NaN or inf)")
     bad = sorted(i for i in out if not 0 <= i < n_transformers)
     if bad:
         raise ValueError(
