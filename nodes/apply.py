@@ -39,16 +39,34 @@ def check_adapter_fits(spec, sites, kolors_model: bool = False) -> None:
     if kolors_model and not _is_kolors_adapter(spec):
         raise ValueError("the model is a Kolors UNet; use a Kolors IP-Adapter "
                          "(e.g. Kolors-IP-Adapter-Plus) with it")
-    widths = tuple(s.width for s in sites)
-    ctx = {s.context_dim for s in sites}
-    if spec.num_layers != len(sites) or spec.context_dim not in ctx or tuple(spec.layer_dims) != widths:
+    problem = _first_difference(spec, sites)
+    if problem is not None:
         made_for = {"sd15": "SD1.5", "sdxl": "SDXL"}.get(spec.arch_hint or "", "another model")
         raise ValueError(
-            f"this IP-Adapter was made for {made_for} ({spec.num_layers} cross-attention layers, context "
-            f"width {spec.context_dim}), but it is applied to {_describe_model(sites)}. "
-            f"Use an adapter trained for the loaded model (e.g. ip-adapter_sd15 for SD1.5, "
-            f"ip-adapter_sdxl_vit-h for SDXL)."
+            f"this IP-Adapter does not fit the model: {problem}. The adapter was made for {made_for}; the model "
+            f"is {_describe_model(sites)}. Use an adapter trained for the loaded model (e.g. ip-adapter_sd15 "
+            f"for SD1.5, ip-adapter_sdxl_vit-h for SDXL)."
         )
+
+
+def _first_difference(spec, sites) -> Optional[str]:
+    """The first dimension in which adapter and model differ, as a phrase naming both sides
+    (None when they fit). Checked from the coarsest to the finest, so the message names the
+    cause rather than a consequence."""
+    if spec.num_layers != len(sites):
+        return (f"the adapter has {spec.num_layers} cross-attention layers, the model has {len(sites)}")
+    ctx = sorted({s.context_dim for s in sites})
+    if spec.context_dim not in ctx:
+        model_ctx = ctx[0] if len(ctx) == 1 else "/".join(map(str, ctx))
+        return (f"the adapter's image tokens have context width {spec.context_dim}, the model's cross-attention "
+                f"reads context width {model_ctx}")
+    for i, (a, s) in enumerate(zip(spec.layer_dims, sites)):
+        if a != s.width:
+            n_bad = sum(x != y.width for x, y in zip(spec.layer_dims, sites))
+            more = f" ({n_bad} of {len(sites)} layers differ)" if n_bad > 1 else ""
+            return (f"layer widths differ: cross-attention layer {i} ({'/'.join(map(str, s.key))}) is {a} wide "
+                    f"in the adapter but {s.width} in the model{more}")
+    return None
 
 
 def _check_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -33,6 +33,28 @@ def test_mismatch_names_both_sides(adapter, model, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("adapter,model,words", [
+    # same family, same layer count and context: only the widths differ (a UNet with other channels)
+    (spec(16, 640, 768, "sd15"), sites(16, 320, 768), ["layer widths differ", "640 wide in the adapter but 320",
+                                                       "16 of 16 layers differ"]),
+    (spec(16, 320, 768, "sd15"), sites(16, 320, 1024), ["context width 768", "context width 1024"]),
+    (spec(70, 640, 2048, "sdxl"), sites(16, 320, 768), ["70 cross-attention layers, the model has 16"]),
+])
+def test_mismatch_names_the_dimension_that_differs(adapter, model, words):
+    with pytest.raises(ValueError) as err:
+        check_adapter_fits(adapter, model)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_one_layer_of_other_width_is_named():
+    model = sites(16, 320, 768)
+    adapter = spec(16, 320, 768, "sd15")
+    adapter = AdapterSpec(**{**adapter.__dict__, "layer_dims": (320,) * 5 + (321,) + (320,) * 10})
+    with pytest.raises(ValueError, match=r"layer 5 \(input/5/0\) is 321 wide in the adapter but 320 in the model\."):
+        check_adapter_fits(adapter, model)
+
+
 def test_kolors_and_sdxl_are_told_apart():
     kolors = spec(70, 640, 2048, "sdxl", layout="plus", resampler_dim=2048)
     sdxl_plus = spec(70, 640, 2048, "sdxl", layout="plus", resampler_dim=1280)
