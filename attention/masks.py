@@ -8,20 +8,39 @@ import torch
 import torch.nn.functional as F
 
 
+def _halvings(h: int, w: int, seq_len: int, ceil: bool):
+    """The grid reached by halving (h, w) until it holds seq_len tokens, or None."""
+    while h * w > seq_len and (h > 1 or w > 1):
+        h, w = ((h + 1) // 2, (w + 1) // 2) if ceil else (max(1, h // 2), max(1, w // 2))
+    return (h, w) if h * w == seq_len else None
+
+
 def token_grid(latent_h: int, latent_w: int, seq_len: int) -> tuple[int, int]:
-    """Height and width of the token grid for a layer that sees `seq_len` tokens of a
-    latent of size latent_h x latent_w. Rounds like the UNet's downsampling (ceil), so
-    odd latent sizes give the grid the layer really has."""
-    h = latent_h / math.sqrt(latent_h * latent_w / seq_len)
-    h = int(h) + int(seq_len % int(h) != 0)
-    return h, seq_len // h
+    """Height and width of the token grid of a layer that sees `seq_len` tokens of a
+    latent_h x latent_w latent.
+
+    A UNet level halves the grid with a stride-2 convolution (padding 1), which rounds odd
+    sizes up; a pooling downsampler rounds down. The grid is found by repeating that halving
+    until it holds seq_len tokens, so odd sizes and extreme aspect ratios (a side that
+    reaches 1 while the other is still long) map exactly. Grids that no halving reaches get
+    the closest grid of the latent's aspect ratio, at least 1 x 1."""
+    if latent_h < 1 or latent_w < 1 or seq_len < 1:
+        raise ValueError(f"no token grid for a {latent_h}x{latent_w} latent and {seq_len} tokens")
+    for ceil in (True, False):
+        grid = _halvings(latent_h, latent_w, seq_len, ceil)
+        if grid is not None:
+            return grid
+    scale = math.sqrt(latent_h * latent_w / seq_len)
+    h = min(seq_len, max(1, round(latent_h / scale)))
+    return h, max(1, seq_len // h)
 
 
 def mask_to_tokens(mask: torch.Tensor, latent_h: int, latent_w: int, seq_len: int) -> torch.Tensor:
     """(M, H, W) mask -> (M, seq_len) row weights on the layer's token grid.
 
-    Bilinear resize to the grid; when the grid does not cover seq_len exactly (extreme
-    aspect ratios), pad with zeros or crop centrally so that rows still line up."""
+    Bilinear resize to the grid; when the grid does not cover seq_len exactly (a layer
+    whose downsampling is neither rule of token_grid), pad with zeros or crop centrally so
+    that rows still line up."""
     if mask.dim() == 2:
         mask = mask[None]
     if mask.dim() != 3:
