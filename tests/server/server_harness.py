@@ -24,6 +24,8 @@ from ipaf_runner.run import RunResult, run_prompt, submit  # noqa: E402
 from ipaf_runner.server import PROBE_NODE, ComfyServer  # noqa: E402
 
 HOST_ENV = "COMFYUI_PATH"
+# A test-only custom node folder with a read-only debug route (see its docstring)
+PROBE_FOLDER = Path(__file__).resolve().parent / "ipaf_test_probe"
 __all__ = ["Graph", "ServerHarness", "TinyModelNames", "host_path", "PromptRejected", "RunResult", "RunnerError"]
 
 
@@ -117,7 +119,8 @@ class ServerHarness:
     def __init__(self, comfyui: Path, host_args=()):
         self.work = Path(tempfile.mkdtemp(prefix="ipadapter-fused-server-tests-"))
         files = tiny_models.host_models(self.work, adapters=tuple(tiny_models.ADAPTER_FILES), unet_b=True)
-        self.server = ComfyServer(comfyui, cpu=True, models=files, host_args=list(host_args), say=lambda m: None)
+        self.server = ComfyServer(comfyui, cpu=True, models=files, host_args=list(host_args), say=lambda m: None,
+                                  extra_custom_nodes=[PROBE_FOLDER])
         self._files = files
         self._object_info = None
         self.names: Optional[TinyModelNames] = None
@@ -162,6 +165,21 @@ class ServerHarness:
 
     def log_tail(self, lines: int = 60) -> str:
         return self.server.log_tail(lines)
+
+    def run_caches(self) -> dict:
+        """{"adapters": live AppliedAdapter objects, "cached": entries in their run caches} (test probe)."""
+        return self.client.get_json("/ipaf_test/run_caches")
+
+    def wait_done(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """Poll /history until the prompt has an entry (finished, failed or interrupted); returns it."""
+        import time
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            entry = self.client.history(prompt_id)
+            if entry is not None and (entry.get("status") or {}).get("completed") is not None:
+                return entry
+            time.sleep(0.1)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout} s\n" + self.log_tail(30))
 
     def rss(self) -> int:
         """Resident memory of the server process, bytes."""

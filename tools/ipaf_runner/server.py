@@ -42,6 +42,16 @@ def _is_this_pack(entry: Path) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: end the host when the process that started it dies (Linux), so a
+    killed test run or runner leaves no server behind."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def link_file(src: Path, folder: Path, name: str | None = None) -> Path:
     """Put a model file into a host folder by a symlink (a copy where links are not allowed)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,11 +70,12 @@ class ComfyServer:
 
     models: {host folder name: [files]}: each file is linked into <base>/models/<folder>/ (its own name).
     host_models: use the ComfyUI folder's own models/ (the runner on a user's install); otherwise the
-    base directory's models/ holds only `models`."""
+    base directory's models/ holds only `models`.
+    extra_custom_nodes: more custom node folders to link in and load beside this pack (test probes)."""
 
     def __init__(self, comfyui: Path, *, python: str = sys.executable, cpu: bool = True,
                  models: Optional[dict] = None, host_models: bool = False, all_custom_nodes: bool = False,
-                 host_args: Optional[list] = None, startup_timeout: float = 300.0, keep_temp: bool = False,
+                 host_args: Optional[list] = None, extra_custom_nodes: Optional[list] = None, startup_timeout: float = 300.0, keep_temp: bool = False,
                  verbose: bool = False, say: Callable[[str], None] = log):
         self.comfyui = Path(comfyui).expanduser().resolve()
         self.python = python
@@ -73,6 +84,7 @@ class ComfyServer:
         self.host_models = host_models
         self.all_custom_nodes = all_custom_nodes
         self.host_args = list(host_args or [])
+        self.extra_custom_nodes = [Path(p) for p in extra_custom_nodes or []]
         self.startup_timeout = startup_timeout
         self.keep_temp = keep_temp
         self.verbose = verbose
@@ -118,6 +130,8 @@ class ComfyServer:
                 for f in files:
                     link_file(Path(f), self.model_dir(folder))
         os.symlink(PACK_ROOT, self.base / "custom_nodes" / LINK_NAME, target_is_directory=True)
+        for extra in self.extra_custom_nodes:
+            os.symlink(extra.resolve(), self.base / "custom_nodes" / extra.name, target_is_directory=True)
         if self.all_custom_nodes:
             for entry in sorted((self.comfyui / "custom_nodes").glob("*")):
                 if entry.is_dir() and not _is_this_pack(entry):
@@ -131,7 +145,8 @@ class ComfyServer:
                 # the default database lives inside the ComfyUI folder, which stays untouched
                 "--database-url", "sqlite:///:memory:"]
         if not self.all_custom_nodes:
-            args += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", LINK_NAME, "--disable-api-nodes"]
+            args += ["--disable-all-custom-nodes", "--whitelist-custom-nodes", LINK_NAME,
+                     *[p.name for p in self.extra_custom_nodes], "--disable-api-nodes"]
         if self.cpu:
             args.append("--cpu")
         args += self.host_args
@@ -145,7 +160,8 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfyui), stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self.client = HostClient("127.0.0.1", self.port)
         self.say(f"starting ComfyUI from {self.comfyui} on 127.0.0.1:{self.port} (log: {self.log_path})")
         t0 = time.time()
