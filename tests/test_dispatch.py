@@ -68,7 +68,7 @@ def spy(monkeypatch):
 def native(monkeypatch):
     """Pretend CPU tensors run the compiled kernel, to reach the shape rules of "auto"."""
     monkeypatch.setattr(dispatch, "_runs_natively", lambda q: True)
-    monkeypatch.setattr(dispatch, "_verified", {("cpu", None): True})
+    monkeypatch.setattr(dispatch, "_kernel_verified", lambda device, variant: True)
 
 
 def test_cpu_auto_runs_torch(spy):
@@ -264,7 +264,7 @@ def test_auto_checks_the_kernel_once_per_device(monkeypatch):
 
     monkeypatch.setattr(dispatch, "_verified", {})
     assert select_backend(q, **kw) == "triton"  # the real kernel, under the interpreter
-    assert dispatch._verified == {("cpu", None): True}
+    assert list(dispatch._verified.values()) == [True]
 
     real = fused_triton.fused_decoupled_attention
     for broken in (lambda *a, **k: real(*a, **k) * 1.1,
@@ -277,6 +277,70 @@ def test_auto_checks_the_kernel_once_per_device(monkeypatch):
         assert len(logged) == 1 and "self-check" in logged[0]
         out = decoupled_attention(q, kt, vt, ctxs, 2)
         torch.testing.assert_close(out, decoupled_attention_torch(q, kt, vt, ctxs, 2))
+
+
+def _bhld(t, heads):
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2).contiguous()
+
+
+def _call_variants():
+    """Calls the patch makes, each compiling another kernel variant: head dims of SD1.5 (40,
+    80, 160) and SDXL (64), no text (a foreign patch computes it), no masks, fp32 and 16-bit,
+    the bhld layout, a long (Full-face) image context."""
+    calls = {}
+    q, kt, vt, ctxs = _inputs(d=40)
+    calls["d40"] = (q, kt, vt, ctxs, "blc")
+    for d in (80, 160, 64):
+        q, kt, vt, ctxs = _inputs(d=d)
+        calls[f"d{d}"] = (q, kt, vt, ctxs, "blc")
+    q, kt, vt, ctxs = _inputs(d=40)
+    calls["no text"] = (q, None, None, ctxs, "blc")
+    calls["no mask"] = (q, kt, vt, [dataclasses.replace(c, mask=None) for c in ctxs], "blc")
+    calls["fp16"] = (q.half(), kt.half(), vt.half(), [dataclasses.replace(c, k=c.k.half(), v=c.v.half()) for c in ctxs],
+                     "blc")
+    calls["bhld"] = (_bhld(q, 2), _bhld(kt, 2), _bhld(vt, 2),
+                     [dataclasses.replace(c, k=_bhld(c.k, 2), v=_bhld(c.v, 2)) for c in ctxs], "bhld")
+    long_ctx = [dataclasses.replace(c, k=torch.randn(2, 257, 80), v=torch.randn(2, 257, 80)) for c in ctxs]
+    calls["257 tokens"] = (q, kt, vt, long_ctx, "blc")
+    return calls
+
+
+@pytest.mark.parametrize("broken", ["d80", "d160", "d64", "no text", "no mask", "fp16", "bhld", "257 tokens"])
+def test_each_kernel_variant_that_runs_is_checked(monkeypatch, broken):
+    """A kernel that is wrong in one variant only (one head dim, one layout, no text...) is
+    caught when a call first needs that variant, and only that variant falls back; each
+    variant is checked once per device. The kernel is a stand-in (the torch reference, made
+    wrong where `broken` says), so this runs fast without a GPU."""
+    monkeypatch.setattr(dispatch, "_runs_natively", lambda q: True)
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(dispatch, "_verified", {})
+    calls = _call_variants()
+    bad = dispatch.kernel_variant(*[calls[broken][i] for i in (0, 1, 3)], 2, calls[broken][4])
+    checked = []
+
+    def kernel(q, kt, vt, ctxs, heads, layout="blc", **kw):
+        variant = dispatch.kernel_variant(q, kt, ctxs, heads, layout)
+        checked.append(variant)
+        out = decoupled_attention_torch(q, kt, vt, ctxs, heads, layout)
+        return out * 1.01 if variant == bad else out
+
+    monkeypatch.setattr(fused_triton, "fused_decoupled_attention", kernel)
+    with _warns_logged(monkeypatch) as logged:
+        for _ in range(2):
+            for name, (q, kt, vt, ctxs, layout) in calls.items():
+                want = "torch" if name == broken else "triton"
+                assert select_backend(q, k_text=kt, v_text=vt, contexts=ctxs, heads=2, layout=layout) == want, name
+    assert len(logged) == 1 and "self-check" in logged[0], logged
+    assert len(checked) == len(set(checked)) == len(calls), "each variant is checked once"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,layout,text", [(torch.float32, "bhld", False), (torch.float16, "blc", True)])
+def test_self_check_passes_for_the_real_kernel(dtype, layout, text):
+    """The check's own inputs compile the variant it was asked about, and the real kernel
+    (under the interpreter) passes it."""
+    variant = dispatch.KernelVariant(layout, dtype, 40, text, True, 128, 16, 4)
+    assert dispatch._self_check(torch.device("cpu"), variant) is None
 
 
 class _warns_logged:
