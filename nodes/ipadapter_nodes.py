@@ -30,6 +30,16 @@ def _common_widgets():
     }
 
 
+def _require_tensor(value, name: str, kind: str) -> None:
+    # The API lets a prompt give a literal ({"__value__": [...]}) where a link is expected; the
+    # host passes it on unchecked, so a list can arrive where a tensor must.
+    import torch
+
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a {kind} from another node's output, got a {type(value).__name__} "
+                         "(a literal value in the prompt?)")
+
+
 class IPAdapterFusedLoader:
     DESCRIPTION = "Loads an IP-Adapter checkpoint from models/ipadapter. The family is detected from its contents."
     CATEGORY = CATEGORY
@@ -94,6 +104,7 @@ class IPAdapterFusedApply:
     def apply(self, model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
               combine_embeds, embeds_scaling, middle_block, image_negative=None, attn_mask=None,
               layer_weights="", weight_composition=1.0):
+        _require_tensor(attn_mask, "attn_mask", "MASK")
         return (apply_adapter(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
                               combine_embeds, embeds_scaling, middle_block, image_negative, attn_mask,
                               layer_weights, weight_composition),)
