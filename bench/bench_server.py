@@ -11,7 +11,7 @@ random base and Plus adapters shaped for that UNet and encoder (the pack's model
 Both packs load the same adapter files. Files are made once and cached (--cache-dir).
 
 One server runs with `--cache-lru N`, this pack and ComfyUI_IPAdapter_plus in its custom_nodes. A
-warm-up pass runs every graph once. Then each round runs every variant once, in an order that
+warm-up pass runs every graph once (1 step). Then each round runs every variant once, in an order that
 rotates from round to round, with a new seed per run: only KSampler (and the latent's SaveLatent)
 re-execute, every other node comes from the cache. A variant's time is KSampler's execution time,
 taken from the WebSocket messages (`executing` KSampler -> `executing` next node); the per-step
@@ -368,9 +368,9 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"nodes missing in the server: {missing}\n" + server.log_tail())
         first = {}
-        print("warm-up: every graph once (loads models, applies adapters, first sampling)", flush=True)
+        print("warm-up: every graph once, 1 step (loads models, applies adapters, fills the cache)", flush=True)
         for i, (variant, layout) in enumerate(variants):
-            run = timed_run(server.client, graph(names, variant, layout, seed=i, steps=args.steps, latent=args.latent))
+            run = timed_run(server.client, graph(names, variant, layout, seed=i, steps=1, latent=args.latent))
             first[variant_name(variant, layout)] = run["node_s"]
             print(f"  {variant_name(variant, layout):<36} {run['wall_s']:7.1f} s", flush=True)
 
