@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .encode import COMBINE_METHODS, encode_images, image_tokens
-from .patch import AppliedAdapter, install
+from .patch import AppliedAdapter, begin_run, install
 from .schedules import EMBEDS_SCALING, resolve_site_weights
 from .unet_sites import unet_attn2_sites
 
@@ -89,16 +89,18 @@ def check_mask_batch(mask: Optional[torch.Tensor], latent_batch: int) -> None:
             f"connect 1 mask (used for every image) or {latent_batch} (one per image)")
 
 
-def _release_wrapper(entry: AppliedAdapter):
-    def wrapper(executor, *args, **kwargs):
-        noise = args[0] if args else kwargs.get("noise")
-        if noise is not None:
-            check_mask_batch(entry.mask, noise.shape[0])  # before any step runs
-        try:
-            return executor(*args, **kwargs)
-        finally:
+def run_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper (one per model, whatever the number of apply nodes): prepares the
+    run's own model options (windows from the run's model_sampling, foreign patches on the
+    host's fallback keys) and releases every adapter's run cache when sampling ends."""
+    guider = executor.class_obj
+    sampling = guider.model_patcher.get_model_object("model_sampling")
+    entries = begin_run(guider.model_options, sampling)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        for entry in entries:
             entry.release()
-    return wrapper
 
 
 def apply_adapter(
@@ -158,11 +160,13 @@ def apply_adapter(
         sigma_end=sampling.percent_to_sigma(end_at),
         embeds_scaling=embeds_scaling,
         mask=mask,
+        window=(start_at, end_at),
     )
 
     patched = model.clone()
     patched.model_options["transformer_options"] = install(patched.model_options, sites, entry, skip)
     others = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
     patched.set_additional_models(ADDITIONAL_MODELS_KEY, others + [adapter.patcher])
-    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY, _release_wrapper(entry))
+    if run_wrapper not in patched.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY):
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY, run_wrapper)
     return patched

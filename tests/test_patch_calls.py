@@ -176,7 +176,18 @@ def test_foreign_patch_keeps_working_and_keys():
     p2 = to2["patches_replace"]["attn2"][("input", 1, 0)]
     assert set(p2.entries) == {entry, entry2} and p2.previous is foreign
     assert to2["patches_replace"]["attn2"][("middle", 0, 0)].entries == (entry,)
-    assert copy.deepcopy(p2) is p2
+    # a clone (deepcopy of model_options) gets its own patch object sharing the adapters and
+    # the foreign patch, so that an in-place `add` by another pack stays on that clone
+    c = copy.deepcopy(to2)["patches_replace"]["attn2"][("input", 1, 0)]
+    assert c is not p2 and c.entries == p2.entries and c.previous is foreign
+    assert all(a is b for a, b in zip(c.entries, p2.entries))
+    c.add(lambda out, q, k, v, extra, **kw: kw["w"] * sdpa_blc(q, k, v), w=0.25, sigma_start=10.0, sigma_end=1.0)
+    assert p2.foreign_terms == () and len(c.foreign_terms) == 1
+    torch.testing.assert_close(c(q, k, v, extra_options([1, 0])),
+                               p2(q, k, v, extra_options([1, 0])) + 0.25 * sdpa_blc(q, k, v), **TOL)
+    # outside the added term's own window it adds nothing
+    torch.testing.assert_close(c(q, k, v, extra_options([1, 0], sigma=0.5)),
+                               p2(q, k, v, extra_options([1, 0], sigma=0.5)), atol=0, rtol=0)
 
 
 def test_kv_computed_once_per_run():
