@@ -327,3 +327,121 @@ def image_stats(paths: list) -> list[dict]:
         out.append({"path": str(p), "shape": list(a.shape), "min": float(a.min()), "max": float(a.max()),
                     "std": float(a.std()), "sha1": hashlib.sha1(a.tobytes()).hexdigest()})
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL: the host's SDXL detection wants model_channels 320, transformer depths (0, 2, 10) on three
+# levels, linear proj_in/out, context 2048 and a 2816-wide label embedding; its text encoders are
+# fixed-size (CLIP-L and CLIP-G, ~820M parameters together), so the SDXL checkpoint is the big one.
+# --------------------------------------------------------------------------------------------------
+SC_SDXL_CHECKPOINT = "ipaf_selfcheck_sdxl.safetensors"
+SC_SDXL_ADAPTER = "ipaf_selfcheck_sdxl_base.safetensors"
+SC_SDXL_LAYER_DIMS = [320] * 70
+SC_SDXL_CONTEXT = 2048
+
+
+def sdxl_unet_state(model_channels=320, depths=(0, 2, 10), context_dim=2048, adm_in_channels=2816,
+                    num_res_blocks=2, in_channels=4, seed=0, prefix="model.diffusion_model."):
+    """An SGM-layout SDXL UNet state dict with `model_channels` at every level (channel_mult 1,1,1)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    C = model_channels
+    T = 4 * C
+
+    def lin(name, out_f, in_f, bias=True, scale=1.0):
+        sd[prefix + name + ".weight"] = _gen((out_f, in_f), in_f, g, scale)
+        if bias:
+            sd[prefix + name + ".bias"] = torch.zeros(out_f)
+
+    def conv(name, out_c, in_c, k, bias=True, scale=1.0):
+        sd[prefix + name + ".weight"] = _gen((out_c, in_c, k, k), in_c * k * k, g, scale)
+        if bias:
+            sd[prefix + name + ".bias"] = torch.zeros(out_c)
+
+    def norm(name, c):
+        sd[prefix + name + ".weight"] = torch.ones(c)
+        sd[prefix + name + ".bias"] = torch.zeros(c)
+
+    def resblock(name, cin, cout):
+        norm(f"{name}.in_layers.0", cin)
+        conv(f"{name}.in_layers.2", cout, cin, 3)
+        lin(f"{name}.emb_layers.1", cout, T)
+        norm(f"{name}.out_layers.0", cout)
+        conv(f"{name}.out_layers.3", cout, cout, 3, scale=0.5)
+        if cin != cout:
+            conv(f"{name}.skip_connection", cout, cin, 1)
+
+    def transformer(name, c, depth):
+        norm(f"{name}.norm", c)
+        lin(f"{name}.proj_in", c, c)
+        for d in range(depth):
+            b = f"{name}.transformer_blocks.{d}"
+            for attn, kv_dim in (("attn1", c), ("attn2", context_dim)):
+                lin(f"{b}.{attn}.to_q", c, c, bias=False)
+                lin(f"{b}.{attn}.to_k", c, kv_dim, bias=False)
+                lin(f"{b}.{attn}.to_v", c, kv_dim, bias=False)
+                lin(f"{b}.{attn}.to_out.0", c, c)
+            lin(f"{b}.ff.net.0.proj", 8 * c, c)
+            lin(f"{b}.ff.net.2", c, 4 * c)
+            for n in ("norm1", "norm2", "norm3"):
+                norm(f"{b}.{n}", c)
+        lin(f"{name}.proj_out", c, c, scale=0.5)
+
+    lin("time_embed.0", T, C)
+    lin("time_embed.2", T, T)
+    lin("label_emb.0.0", T, adm_in_channels)
+    lin("label_emb.0.2", T, T)
+    conv("input_blocks.0.0", C, in_channels, 3)
+    idx = 1
+    for level, depth in enumerate(depths):
+        for _ in range(num_res_blocks):
+            resblock(f"input_blocks.{idx}.0", C, C)
+            if depth:
+                transformer(f"input_blocks.{idx}.1", C, depth)
+            idx += 1
+        if level != len(depths) - 1:
+            conv(f"input_blocks.{idx}.0.op", C, C, 3)
+            idx += 1
+    resblock("middle_block.0", C, C)
+    transformer("middle_block.1", C, depths[-1])
+    resblock("middle_block.2", C, C)
+    idx = 0
+    for level in reversed(range(len(depths))):
+        for i in range(num_res_blocks + 1):
+            resblock(f"output_blocks.{idx}.0", 2 * C, C)
+            sub = 1
+            if depths[level]:
+                transformer(f"output_blocks.{idx}.1", C, depths[level])
+                sub = 2
+            if level != 0 and i == num_res_blocks:
+                conv(f"output_blocks.{idx}.{sub}.conv", C, C, 3)
+            idx += 1
+    norm("out.0", C)
+    conv("out.2", 4, C, 3, scale=0.5)
+    return sd
+
+
+def _make_sdxl_checkpoint(path: Path) -> None:
+    import torch
+    sd = sdxl_unet_state()
+    sd.update(clip_text_state(prefix="conditioner.embedders.0.transformer.text_model."))
+    # CLIP-G (ViT-bigG text tower) in the HF layout under the SGM prefix; the host reads it as is
+    g_prefix = "conditioner.embedders.1.model.transformer."
+    sd.update(clip_text_state(prefix=g_prefix + "text_model.", width=1280, layers=32, heads=20,
+                              intermediate=5120, seed=4))
+    sd[g_prefix + "text_projection.weight"] = _gen((1280, 1280), 1280, torch.Generator().manual_seed(5))
+    sd.update({"first_stage_model." + k: v for k, v in taesd_state().items()})
+    _save(sd, path)
+
+
+def sdxl_models(work_dir: Path, cache_dir: Path | None = None) -> dict:
+    """{host folder: [files]} for an SDXL run: the tiny SDXL checkpoint (cached; 1.7 GB, CLIP-G is
+    most of it) and a base adapter for its 70 layers (made in work_dir); CLIP vision is the ViT-L one."""
+    root = Path(cache_dir or default_cache_dir()) / f"selfcheck-models-v{SELFCHECK_MODELS_VERSION}"
+    ckpt = _cached(root / "checkpoints" / SC_SDXL_CHECKPOINT,
+                   "SDXL-layout UNet with 320 channels at every level, CLIP-L + CLIP-G text encoders, TAESD",
+                   _make_sdxl_checkpoint)
+    adapter = make_adapter(Path(work_dir) / "ipadapter" / SC_SDXL_ADAPTER, "base", SC_SDXL_LAYER_DIMS,
+                           SC_SDXL_CONTEXT, ENCODER_WIDTH["base"])
+    return {"checkpoints": [ckpt], "ipadapter": [adapter]}
