@@ -18,3 +18,24 @@ if "ipadapter_fused" not in sys.modules:
     module = importlib.util.module_from_spec(spec)
     sys.modules["ipadapter_fused"] = module
     spec.loader.exec_module(module)
+
+
+# Host-backed test folders. With $IPADAPTER_FUSED_REQUIRE_HOST=1 (CI) a skip there is a failure:
+# a run in which the host tests were expected but did not run must not look green.
+_HOST_DIRS = (ROOT / "tests" / "host", ROOT / "tests" / "server")
+_REQUIRE_HOST = os.environ.get("IPADAPTER_FUSED_REQUIRE_HOST", "") not in ("", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (_REQUIRE_HOST and report.skipped):
+        return
+    path = pathlib.Path(str(item.fspath)).resolve()
+    if any(d in path.parents for d in _HOST_DIRS):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"host test skipped while IPADAPTER_FUSED_REQUIRE_HOST is set: {reason}"

@@ -5,6 +5,7 @@ independently, (b) ComfyUI_IPAdapter_plus itself for the compatibility mode."""
 from __future__ import annotations
 
 import pytest
+import util
 
 # 224-pixel input like the real encoders (the established pack always resizes to 224),
 # with 56-pixel patches: 17 tokens of width 64, image_embeds of width 32.
@@ -112,10 +113,15 @@ def test_matches_formula_on_every_layer(host, kind, layout, tiny_sd15, tiny_sdxl
         reference.set_model_attn2_replace(FormulaAttn2(state, 2 * i + 1, tokens, weight), *site.key)
     want = _run(sampler, cond, kind, reference)
     plain = _run(sampler, cond, kind, model)
-    assert (want - plain).abs().max() > 1e-3, "the adapter must change the result"
-    # fp32 on CPU; the terms are summed in the same order, so only the batching of the
-    # per-row image attention differs
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - plain).abs().max() > 0.1 * want.abs().max(), "the adapter must change the result"
+    # Each layer in one real forward: the same q/k/v through the pack's patch and the formula.
+    # fp32 on CPU; the terms are summed in the same order, only the batching of the image term differs.
+    keys = [s.key for s in sites]
+    log = util.compare_layers(patched, reference, kind, keys)
+    assert sorted({k for k, _, _ in log}) == sorted(keys), "every site is patched and called"
+    util.assert_layers_match(log)
+    # The sampled latent, at the bound the measured rounding amplification justifies (util.LATENT_BOUND).
+    util.assert_latents_match(got, want)
 
 
 CASES = [
@@ -156,8 +162,11 @@ def test_compat_mode_reproduces_ipadapter_plus(host, ipadapter_plus, kind, layou
         model.clone(), load_adapter_state(path), cv, image=image, image_negative=negative, attn_mask=mask, **opts)
     a = _run(sampler, cond, kind, ours)
     b = _run(sampler, cond, kind, theirs)
-    assert (a - _run(sampler, cond, kind, model)).abs().max() > 1e-4
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - _run(sampler, cond, kind, model)).abs().max() > 1e-3 * a.abs().max()
+    # Layer by layer in one forward (each site's patch as the host would pick it in either model),
+    # then the sampled latents at the measured bound.
+    util.assert_layers_match(util.compare_layers(ours, theirs, kind, util.attn2_sites(model)))
+    util.assert_latents_match(a, b)
 
 
 def test_middle_block_is_patched_unlike_ipadapter_plus(host, tiny_sd15, tiny_clip_vision, sampler, cond, tmp_path):
@@ -201,7 +210,8 @@ def test_stacking_order_does_not_matter(host, tiny_sd15, tiny_clip_vision, sampl
     img1, img2 = _image(torch, 1), _image(torch, 2)
     ab = _apply(_apply(model, a, cv, img1, weight=0.7), b, cv, img2, weight=0.4, weight_type="ease out")
     ba = _apply(_apply(model, b, cv, img2, weight=0.4, weight_type="ease out"), a, cv, img1, weight=0.7)
-    torch.testing.assert_close(_run(sampler, cond, "sd15", ab), _run(sampler, cond, "sd15", ba), atol=1e-5, rtol=1e-5)
+    # content-ordered sums: bit-identical whatever the build
+    assert torch.equal(_run(sampler, cond, "sd15", ab), _run(sampler, cond, "sd15", ba))
 
 
 def test_bad_inputs_fail_before_patching(host, tiny_sd15, tiny_sdxl, tiny_clip_vision, tmp_path):
@@ -276,7 +286,8 @@ def test_foreign_patch_on_the_same_keys_keeps_working(host, ipadapter_plus, kind
     mixed = _apply(theirs_a, b, cv, img_b, weight=0.6, middle_block="skip (IPAdapter_plus compatible)")
     both_theirs, _ = execute(theirs_a, load_adapter_state(path_b), cv, image=img_b, weight=0.6)
     got = _run(sampler, cond, kind, mixed)
-    torch.testing.assert_close(got, _run(sampler, cond, kind, both_theirs), atol=1e-5, rtol=1e-5)
+    util.assert_layers_match(util.compare_layers(mixed, both_theirs, kind, util.attn2_sites(model)))
+    util.assert_latents_match(got, _run(sampler, cond, kind, both_theirs))
     assert (got - _run(sampler, cond, kind, _apply(model, b, cv, img_b, weight=0.6,
                                                    middle_block="skip (IPAdapter_plus compatible)"))).abs().max() > 1e-4
 
