@@ -97,6 +97,10 @@ def run_wrapper(executor, *args, **kwargs):
     sampling = guider.model_patcher.get_model_object("model_sampling")
     entries = begin_run(guider.model_options, sampling)
     try:
+        noise = args[0] if args else kwargs.get("noise")
+        if noise is not None:
+            for entry in entries:
+                check_mask_batch(entry.mask, noise.shape[0])  # before any step runs
         return executor(*args, **kwargs)
     finally:
         for entry in entries:
