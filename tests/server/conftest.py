@@ -11,12 +11,15 @@ Fixtures
                       (models/diffusion_models), image (the uploaded input picture), files{folder: [paths]}
     .run(prompt, timeout=600, interrupt_when=None) -> RunResult   (any status; PromptRejected if refused)
     .run_ok(prompt) -> RunResult                  (AssertionError with the node message + host log)
-    .submit(prompt) -> prompt_id                  (no wait; .client.history(prompt_id))
+    .submit(prompt) -> prompt_id                  (no wait; .wait_done(prompt_id) -> its /history entry)
     .interrupt(prompt_id=None), .free(unload_models=True, free_memory=True)
     .latent(result) / .latents(result) -> torch tensors written by SaveLatent
     .images(result) -> uint8 arrays written by SaveImage;  .output_path(file_record)
     .upload_image(path, name=None) -> name for LoadImage;  .add_model(folder, path, name=None) -> name
     .object_info / .refresh_object_info();  .rss() server RSS in bytes;  .alive();  .log_tail(n)
+    .run_caches() -> {"adapters", "cached"}: live AppliedAdapter objects and their run-cache entries, read
+                      through the test-only probe route of tests/server/ipaf_test_probe (loaded beside the pack)
+    .work         the session's temp folder (adapters made there);  .server  the runner's ComfyServer
     .client       the runner's HostClient (get_json, post_json, history, view, ...)
   tiny          the TinyModelNames (server.names)
   sd15_graph    server_harness.sd15_graph: (names, adapters=[{layout, weight, weight_type, attn_mask...}],

@@ -7,6 +7,8 @@ import torch
 
 SIZE = 32
 STEPS = 2
+# the host logs this when it loads the adapter's weights (its ModelPatcher) for a run
+LOAD_LINE = "Requested to load IPAdapterWeights"
 
 
 def _graphs(server, sd15_graph, Graph):
@@ -43,6 +45,9 @@ def test_free_and_other_unet_keep_outputs_identical(server, sd15_graph, Graph):
     assert torch.equal(server.latent(third), a), "same graph after /free and another UNet: latent changed"
 
     server.free(unload_models=True, free_memory=False)  # models unloaded, node outputs kept
+    loads = server.server.log_text().count(LOAD_LINE)
     fourth = server.run_ok(unet_b)
+    assert loader in fourth.cached, "without free_memory the loader's output stays cached"
+    assert server.server.log_text().count(LOAD_LINE) > loads, "the unloaded adapter weights were not loaded again"
     assert torch.equal(server.latent(fourth), b)
     assert server.run_caches()["cached"] == 0
