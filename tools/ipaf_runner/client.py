@@ -10,9 +10,17 @@ import json
 from pathlib import Path
 from typing import AsyncIterator
 
-import aiohttp
-
 from .errors import RunnerError
+
+
+def _aiohttp():
+    """aiohttp, imported when a request is made: the converter and the argument checks work without it."""
+    try:
+        import aiohttp
+    except ImportError as exc:
+        raise RunnerError(f"the runner needs aiohttp, one of ComfyUI's requirements ({exc}); "
+                          "run it with ComfyUI's Python") from exc
+    return aiohttp
 
 
 class HostClient:
@@ -23,6 +31,7 @@ class HostClient:
     # -- async core --------------------------------------------------------------------------------
     async def arequest(self, method: str, path: str, *, json_body=None, data=None,
                        timeout: float = 60.0) -> tuple[int, bytes]:
+        aiohttp = _aiohttp()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
             async with session.request(method, self.base + path, json=json_body, data=data) as resp:
                 return resp.status, await resp.read()
@@ -30,6 +39,7 @@ class HostClient:
     async def events(self, client_id: str, heartbeat: float = 20.0) -> AsyncIterator[dict | None]:
         """The server's JSON messages for `client_id`; None every second without one (so a caller can
         check time-outs and the process). Binary frames (previews) are skipped. Ends when the socket closes."""
+        aiohttp = _aiohttp()
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{self.base}/ws?clientId={client_id}", heartbeat=heartbeat,
                                           max_msg_size=0) as ws:
@@ -88,7 +98,7 @@ class HostClient:
     def upload_image(self, path: Path, name: str | None = None) -> str:
         """Upload a picture to the host's input folder; returns the name a LoadImage node takes."""
         path = Path(path)
-        form = aiohttp.FormData()
+        form = _aiohttp().FormData()
         form.add_field("overwrite", "true")
         form.add_field("type", "input")
         form.add_field("image", path.read_bytes(), filename=name or path.name,
@@ -111,6 +121,6 @@ class HostClient:
     def ready(self, timeout: float = 2.0) -> bool:
         try:
             status, _ = self.request("GET", "/system_stats", timeout=timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (_aiohttp().ClientError, asyncio.TimeoutError, OSError):
             return False
         return status == 200
