@@ -219,3 +219,48 @@ def test_patch_through_fused_kernel(scaling):
     ref_a = expected(q, k, v, [1, 0], [a], 0, mask_rows=[rows] * 4)
     ref_b = expected(q, k, v, [1, 0], [b], 0) - sdpa_blc(q, k, v)
     torch.testing.assert_close(got, ref_a + ref_b, atol=1e-4, rtol=1e-4)
+
+
+class _Sampling:
+    """percent_to_sigma of a schedule from `top` down to 0 (linear), like a model_sampling."""
+
+    def __init__(self, top):
+        self.top = top
+
+    def percent_to_sigma(self, p):
+        return self.top * (1.0 - p)
+
+
+def test_window_is_resolved_from_the_runs_model_sampling():
+    weights = FakeWeights(1)
+    entry = make_entry(weights, [SiteWeight(1.0)], sigma_start=7.0, sigma_end=3.0, window=(0.3, 0.7))
+    assert entry.active(5.0) and not entry.active(8.0)  # outside a run: the sigmas of apply time
+    entry.begin_run(_Sampling(100.0))                  # a run whose schedule was shifted: 70 .. 30
+    assert entry.active(50.0) and not entry.active(5.0) and not entry.active(80.0)
+    entry.release()
+    assert entry.active(5.0) and not entry.active(50.0)
+
+
+def test_begin_run_reads_a_foreign_patch_on_the_fallback_key():
+    """IPAdapter_plus on SD1.5 registers ("input", 1) after this pack registered ("input", 1, 0):
+    the host never calls it, so each run makes it this pack's `previous` (in the run's copy)."""
+    from ipadapter_fused.nodes.patch import begin_run
+
+    weights = FakeWeights(1)
+    entry = make_entry(weights, [SiteWeight(0.5)], window=(0.0, 1.0))
+    sites = [Site(("input", 1, 0), "input", 0, WIDTH, C_CTX, H)]
+    to = install({}, sites, entry)
+    ours = to["patches_replace"]["attn2"][("input", 1, 0)]
+
+    def foreign(q, k, v, extra):
+        return sdpa_blc(q, k, v) * 2.0
+
+    run = copy.deepcopy({"transformer_options": to})
+    run["transformer_options"]["patches_replace"]["attn2"][("input", 1)] = foreign
+    assert begin_run(run, _Sampling(10.0)) == [entry]
+    p = run["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    assert p.previous is foreign and ours.previous is None
+    q, k, v = qkv(2)
+    want = expected(q, k, v, [1, 0], [entry], 0) + sdpa_blc(q, k, v)  # foreign doubles the text part
+    torch.testing.assert_close(p(q, k, v, extra_options([1, 0])), want, **TOL)
+    entry.release()
