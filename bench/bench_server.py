@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     if ipaplus is not None and not (ipaplus / "IPAdapterPlus.py").is_file():
         ap.error(f"{ipaplus} is not ComfyUI_IPAdapter_plus (no IPAdapterPlus.py); pass --no-ipadapter-plus to leave it out")
     if args.rounds < 1 or args.steps < 1:
-        ap.error("--rounds and --steps must be at least 1 (the brief's figures use 3 rounds of 6 steps)")
+        ap.error("--rounds and --steps must be at least 1 (the recorded figures use 3 rounds of 6 steps)")
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not layouts or any(x not in LAYOUTS for x in layouts):
         ap.error(f"--layouts takes a comma-separated list of {', '.join(LAYOUTS)}")
