@@ -12,7 +12,9 @@ Fixtures
     .run(prompt, timeout=600, interrupt_when=None) -> RunResult   (any status; PromptRejected if refused)
     .run_ok(prompt) -> RunResult                  (AssertionError with the node message + host log)
     .submit(prompt) -> prompt_id                  (no wait; .wait_done(prompt_id) -> its /history entry)
-    .interrupt(prompt_id=None), .free(unload_models=True, free_memory=True)
+    .interrupt(prompt_id=None)
+    .free(unload_models=True, free_memory=True, keep=None)   (returns once the host has acted on /free;
+                      `keep`: a prompt whose non-output nodes keep their cached outputs)
     .latent(result) / .latents(result) -> torch tensors written by SaveLatent
     .images(result) -> uint8 arrays written by SaveImage;  .output_path(file_record)
     .upload_image(path, name=None) -> name for LoadImage;  .add_model(folder, path, name=None) -> name

@@ -207,12 +207,23 @@ class ServerHarness:
     def interrupt(self, prompt_id: Optional[str] = None) -> None:
         self.client.interrupt(prompt_id)
 
-    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
-        """POST /free. The host acts on it in its queue thread, right away when idle; wait a moment
-        before the next prompt so that the order is certain."""
-        import time
+    def free(self, unload_models: bool = True, free_memory: bool = True, keep: Optional[dict] = None) -> None:
+        """POST /free, done by the time this returns.
+
+        The host acts on /free in its queue thread after its next wait, and a prompt queued before
+        that wait ends runs first. So a tiny barrier prompt is run: the flags are handled before it
+        or right after it, before any later prompt. The default cache drops the outputs of nodes not
+        in the current prompt; `keep` (a prompt) puts its nodes into the barrier, unconnected, so
+        their cached outputs survive a /free without free_memory."""
         self.client.free(unload_models, free_memory)
-        time.sleep(0.5)
+        barrier = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in (keep or {}).items()
+                   if self.object_info.get(v["class_type"], {}).get("output_node") is not True}
+        barrier["free_barrier_latent"] = {"class_type": "EmptyLatentImage",
+                                          "inputs": {"width": 16, "height": 16, "batch_size": 1}}
+        barrier["free_barrier_save"] = {"class_type": "SaveLatent",
+                                        "inputs": {"samples": ["free_barrier_latent", 0], "filename_prefix": "free"}}
+        result = self.run(barrier)
+        assert result.status == "success", result.message()
 
     def upload_image(self, path: Path, name: Optional[str] = None) -> str:
         return self.client.upload_image(Path(path), name)

@@ -44,7 +44,7 @@ def test_free_and_other_unet_keep_outputs_identical(server, sd15_graph, Graph):
     assert loader in third.executed, f"the adapter was not loaded again after /free: {third.executed}"
     assert torch.equal(server.latent(third), a), "same graph after /free and another UNet: latent changed"
 
-    server.free(unload_models=True, free_memory=False)  # models unloaded, node outputs kept
+    server.free(unload_models=True, free_memory=False, keep=unet_b)  # models unloaded, node outputs kept
     loads = server.server.log_text().count(LOAD_LINE)
     fourth = server.run_ok(unet_b)
     assert loader in fourth.cached, "without free_memory the loader's output stays cached"
