@@ -147,8 +147,13 @@ _CACHE = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _drop_cache():
+def _module_state(host):
+    # The tiny UNets run thousands of small ops; on a shared 2-core machine intra-op threads
+    # mostly wait on each other (measured: 3-5x slower wall time than one thread).
+    threads = host.torch.get_num_threads()
+    host.torch.set_num_threads(1)
     yield
+    host.torch.set_num_threads(threads)
     _CACHE.clear()  # while the host's modules are alive (ModelPatcher.__del__ needs them)
 
 
