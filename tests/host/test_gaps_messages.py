@@ -20,7 +20,7 @@ def test_other_layer_widths_are_named(host, tiny_sd15, tiny_clip_vision, tmp_pat
     assert "16 of 16 layers differ" in msg, msg
 
 
-def test_other_context_width_is_named(host, tiny_sd15, tiny_sdxl, tiny_clip_vision, tmp_path):
+def test_other_context_width_is_named(host, tiny_sd15, tiny_clip_vision, tmp_path):
     """Same layer count, other context width: an SD2-like adapter on SD1.5."""
     model = tiny_sd15()
     from ipadapter_fused.nodes.unet_sites import unet_attn2_sites
