@@ -69,6 +69,9 @@ def host():
     except RuntimeError as exc:  # a host is there but broken: that is a failure, not a skip
         pytest.fail(str(exc), pytrace=False)
     h.torch.manual_seed(0)
+    # The tiny models' ops are far too small to split: with more than one intra-op thread the threads
+    # mostly wait on each other, and on shared or busy cores a run takes several times longer.
+    h.torch.set_num_threads(1)
     return h
 
 
