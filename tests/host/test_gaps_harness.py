@@ -138,6 +138,20 @@ def host_attention(q, k, v, heads):
     return host_attention_module.optimized_attention(q, k, v, heads)
 
 
+def image_term(state, n, tokens, q, extra):
+    """The written-out image term of adapter layer `n` (checkpoint index): for every row, the host's
+    attention of q over t W_k^T, t W_v^T with t the row chunk's tokens (negative for uncond rows)."""
+    import torch
+
+    wk, wv = state[f"ip_adapter.{n}.to_k_ip.weight"], state[f"ip_adapter.{n}.to_v_ip.weight"]
+    per = q.shape[0] // len(extra["cond_or_uncond"])
+    rows = []
+    for b in range(q.shape[0]):
+        t = tokens[1 if extra["cond_or_uncond"][b // per] == 1 else 0].reshape(1, -1, wk.shape[1])
+        rows.append(host_attention(q[b:b + 1], t @ wk.T, t @ wv.T, extra["n_heads"]))
+    return torch.cat(rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # The probe itself
 # ------------------------------------------------------------------------------------------------

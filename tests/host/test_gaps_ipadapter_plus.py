@@ -13,19 +13,10 @@ patches every cross-attention layer and IPAdapter_plus every one but the middle 
 middle keys, ("middle", 1...), are never looked up by the host)."""
 import pytest
 
-from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, make_adapter
+from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, image_term, make_adapter
 
 
-def _term(state, n, tokens, q, extra):
-    import torch
-
-    wk, wv = state[f"ip_adapter.{n}.to_k_ip.weight"], state[f"ip_adapter.{n}.to_v_ip.weight"]
-    per = q.shape[0] // len(extra["cond_or_uncond"])
-    rows = []
-    for b in range(q.shape[0]):
-        t = tokens[1 if extra["cond_or_uncond"][b // per] == 1 else 0].reshape(1, -1, wk.shape[1])
-        rows.append(host_attention(q[b:b + 1], t @ wk.T, t @ wv.T, extra["n_heads"]))
-    return torch.cat(rows)
+_term = image_term
 
 
 def _tokens(adapter, cv, img):

@@ -6,7 +6,7 @@ tiny SD1.5 here has 4, 8 and 16; real SD1.5 40, 80 and 160), fp32, no text (a fo
 computes it), other image tile sizes. Here the kernel is a stand-in that computes right except
 at head dim 16, and the compiled-kernel route is faked on CPU: every layer must still give the
 formula's output, the head-dim-16 layers through the torch path."""
-from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, make_adapter
+from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, image_term, make_adapter
 
 
 def test_a_kernel_wrong_in_one_variant_never_reaches_the_output(host, tiny_sd15, tiny_clip_vision, sampler, cond,
@@ -48,13 +48,8 @@ def test_a_kernel_wrong_in_one_variant_never_reaches_the_output(host, tiny_sd15,
 
     def reference(key, q, k, v, extra):
         n = 2 * layer_of[key] + 1
-        wk, wv = state[f"ip_adapter.{n}.to_k_ip.weight"], state[f"ip_adapter.{n}.to_v_ip.weight"]
-        per = q.shape[0] // len(extra["cond_or_uncond"])
-        rows = []
-        for b in range(q.shape[0]):
-            t = tokens[1 if extra["cond_or_uncond"][b // per] == 1 else 0].reshape(1, -1, wk.shape[1])
-            rows.append(host_attention(q[b:b + 1], t @ wk.T, t @ wv.T, extra["n_heads"]))
-        return host_attention(q, k, v, extra["n_heads"]) + weight * torch.cat(rows)
+        term = image_term(state, n, tokens, q, extra)
+        return host_attention(q, k, v, extra["n_heads"]) + weight * term
 
     # the stand-in's softmax is torch's SDPA, the formula's the host's attention
     check_layers(torch, model, probe.calls, reference, atol=1e-5, rtol=1e-5, min_calls=16)

@@ -9,7 +9,7 @@ runs fast on CPU; what is tested is which calls the override receives and what t
 returns."""
 import pytest
 
-from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, make_adapter
+from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, image_term, make_adapter
 
 TEXT_TOKENS = 77
 
@@ -73,13 +73,8 @@ def test_text_term_goes_through_the_override(host, backend, tiny_sd15, tiny_clip
 
     def reference(key, q, k, v, extra):
         n = 2 * layer_of[key] + 1
-        wk, wv = state[f"ip_adapter.{n}.to_k_ip.weight"], state[f"ip_adapter.{n}.to_v_ip.weight"]
-        per = q.shape[0] // len(extra["cond_or_uncond"])
-        rows = []
-        for b in range(q.shape[0]):
-            t = tokens[1 if extra["cond_or_uncond"][b // per] == 1 else 0].reshape(1, -1, wk.shape[1])
-            rows.append(host_attention(q[b:b + 1], t @ wk.T, t @ wv.T, extra["n_heads"]))
+        term = image_term(state, n, tokens, q, extra)
         text = host_attention(q, k, v, extra["n_heads"]) * override.scale
-        return text + weight * image_scale * torch.cat(rows)
+        return text + weight * image_scale * term
 
     check_layers(torch, model, probe.calls, reference, min_calls=16)

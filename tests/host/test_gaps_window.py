@@ -7,7 +7,7 @@ the apply node turned the fractions into sigmas of the model it was given, so af
 zero-terminal-SNR (or shifted) schedule the adapter acted on the wrong steps."""
 import pytest
 
-from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, make_adapter
+from test_gaps_harness import CLIP, LayerProbe, apply, check_layers, host_attention, image, image_term, make_adapter
 
 
 def _shift(model, node, *args):
@@ -18,7 +18,6 @@ def _shift(model, node, *args):
 def formula(state, layer_of, tokens, weight, active):
     """text + weight * image attention (positive tokens for cond rows, negative for uncond),
     the image term only where active(sigma)."""
-    import torch
 
     def reference(key, q, k, v, extra):
         heads = extra["n_heads"]
@@ -26,13 +25,8 @@ def formula(state, layer_of, tokens, weight, active):
         if not active(float(extra["sigmas"][0])):
             return out
         n = 2 * layer_of[key] + 1
-        wk, wv = state[f"ip_adapter.{n}.to_k_ip.weight"], state[f"ip_adapter.{n}.to_v_ip.weight"]
-        per = q.shape[0] // len(extra["cond_or_uncond"])
-        rows = []
-        for b in range(q.shape[0]):
-            t = tokens[1 if extra["cond_or_uncond"][b // per] == 1 else 0].reshape(1, -1, wk.shape[1])
-            rows.append(host_attention(q[b:b + 1], t @ wk.T, t @ wv.T, heads))
-        return out + weight * torch.cat(rows)
+        term = image_term(state, n, tokens, q, extra)
+        return out + weight * term
 
     return reference
 
