@@ -60,6 +60,60 @@ def _gen(shape, fan_in, gen, scale=1.0):
     return torch.randn(*shape, generator=gen) * (scale / max(1, fan_in) ** 0.5)
 
 
+class _UNetStateWriter:
+    """Writes random LDM-layout UNet weights into a state dict, in a fixed order (so a seed always
+    gives the same file): matrices and kernels N(0, scale^2 / fan_in), norms 1, biases 0."""
+
+    def __init__(self, seed: int, prefix: str, time_dim: int, context_dim: int):
+        import torch
+        self.torch = torch
+        self.g = torch.Generator().manual_seed(seed)
+        self.sd = {}
+        self.prefix, self.T, self.context_dim = prefix, time_dim, context_dim
+
+    def lin(self, name, out_f, in_f, bias=True, scale=1.0):
+        self.sd[self.prefix + name + ".weight"] = _gen((out_f, in_f), in_f, self.g, scale)
+        if bias:
+            self.sd[self.prefix + name + ".bias"] = self.torch.zeros(out_f)
+
+    def conv(self, name, out_c, in_c, k, bias=True, scale=1.0):
+        self.sd[self.prefix + name + ".weight"] = _gen((out_c, in_c, k, k), in_c * k * k, self.g, scale)
+        if bias:
+            self.sd[self.prefix + name + ".bias"] = self.torch.zeros(out_c)
+
+    def norm(self, name, c):
+        self.sd[self.prefix + name + ".weight"] = self.torch.ones(c)
+        self.sd[self.prefix + name + ".bias"] = self.torch.zeros(c)
+
+    def resblock(self, name, cin, cout):
+        self.norm(f"{name}.in_layers.0", cin)
+        self.conv(f"{name}.in_layers.2", cout, cin, 3)
+        self.lin(f"{name}.emb_layers.1", cout, self.T)
+        self.norm(f"{name}.out_layers.0", cout)
+        self.conv(f"{name}.out_layers.3", cout, cout, 3, scale=0.5)
+        if cin != cout:
+            self.conv(f"{name}.skip_connection", cout, cin, 1)
+
+    def transformer(self, name, c, depth=1, conv_proj=False):
+        """A SpatialTransformer: SD1.x projects in and out with 1x1 convs, SDXL with linears."""
+        proj = (lambda n, scale=1.0: self.conv(n, c, c, 1, scale=scale)) if conv_proj else \
+            (lambda n, scale=1.0: self.lin(n, c, c, scale=scale))
+        self.norm(f"{name}.norm", c)
+        proj(f"{name}.proj_in")
+        for d in range(depth):
+            b = f"{name}.transformer_blocks.{d}"
+            for attn, kv_dim in (("attn1", c), ("attn2", self.context_dim)):
+                self.lin(f"{b}.{attn}.to_q", c, c, bias=False)
+                self.lin(f"{b}.{attn}.to_k", c, kv_dim, bias=False)
+                self.lin(f"{b}.{attn}.to_v", c, kv_dim, bias=False)
+                self.lin(f"{b}.{attn}.to_out.0", c, c)
+            self.lin(f"{b}.ff.net.0.proj", 8 * c, c)
+            self.lin(f"{b}.ff.net.2", c, 4 * c)
+            for n in ("norm1", "norm2", "norm3"):
+                self.norm(f"{b}.{n}", c)
+        proj(f"{name}.proj_out", scale=0.5)
+
+
 def sd15_unet_state(model_channels=320, channel_mult=(1, 1, 1, 1), num_res_blocks=2, attn_levels=(0, 1, 2),
                     context_dim=768, in_channels=4, seed=0, prefix="model.diffusion_model."):
     """An LDM-layout UNet state dict (SD1.x key names; 1x1-conv proj_in/out; GEGLU feed-forward).
@@ -67,49 +121,15 @@ def sd15_unet_state(model_channels=320, channel_mult=(1, 1, 1, 1), num_res_block
     The host takes the structure from the keys: model_channels from input_blocks.0.0, the channel
     multipliers from each ResBlock's out_layers.3, the attention depth from transformer_blocks.N, and
     picks SD1.5 by context_dim 768 + model_channels 320 + conv proj_in + no label_emb."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
     C = model_channels
     T = 4 * C
 
-    def lin(name, out_f, in_f, bias=True, scale=1.0):
-        sd[prefix + name + ".weight"] = _gen((out_f, in_f), in_f, g, scale)
-        if bias:
-            sd[prefix + name + ".bias"] = torch.zeros(out_f)
-
-    def conv(name, out_c, in_c, k, bias=True, scale=1.0):
-        sd[prefix + name + ".weight"] = _gen((out_c, in_c, k, k), in_c * k * k, g, scale)
-        if bias:
-            sd[prefix + name + ".bias"] = torch.zeros(out_c)
-
-    def norm(name, c):
-        sd[prefix + name + ".weight"] = torch.ones(c)
-        sd[prefix + name + ".bias"] = torch.zeros(c)
-
-    def resblock(name, cin, cout):
-        norm(f"{name}.in_layers.0", cin)
-        conv(f"{name}.in_layers.2", cout, cin, 3)
-        lin(f"{name}.emb_layers.1", cout, T)
-        norm(f"{name}.out_layers.0", cout)
-        conv(f"{name}.out_layers.3", cout, cout, 3, scale=0.5)
-        if cin != cout:
-            conv(f"{name}.skip_connection", cout, cin, 1)
+    w = _UNetStateWriter(seed, prefix, T, context_dim)
+    sd = w.sd
+    lin, conv, norm, resblock = w.lin, w.conv, w.norm, w.resblock
 
     def transformer(name, c):
-        norm(f"{name}.norm", c)
-        conv(f"{name}.proj_in", c, c, 1)
-        b = f"{name}.transformer_blocks.0"
-        for attn, kv_dim in (("attn1", c), ("attn2", context_dim)):
-            lin(f"{b}.{attn}.to_q", c, c, bias=False)
-            lin(f"{b}.{attn}.to_k", c, kv_dim, bias=False)
-            lin(f"{b}.{attn}.to_v", c, kv_dim, bias=False)
-            lin(f"{b}.{attn}.to_out.0", c, c)
-        lin(f"{b}.ff.net.0.proj", 8 * c, c)
-        lin(f"{b}.ff.net.2", c, 4 * c)
-        for n in ("norm1", "norm2", "norm3"):
-            norm(f"{b}.{n}", c)
-        conv(f"{name}.proj_out", c, c, 1, scale=0.5)
+        w.transformer(name, c, conv_proj=True)
 
     lin("time_embed.0", T, C)
     lin("time_embed.2", T, T)
@@ -343,50 +363,12 @@ SC_SDXL_CONTEXT = 2048
 def sdxl_unet_state(model_channels=320, depths=(0, 2, 10), context_dim=2048, adm_in_channels=2816,
                     num_res_blocks=2, in_channels=4, seed=0, prefix="model.diffusion_model."):
     """An SGM-layout SDXL UNet state dict with `model_channels` at every level (channel_mult 1,1,1)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
     C = model_channels
     T = 4 * C
 
-    def lin(name, out_f, in_f, bias=True, scale=1.0):
-        sd[prefix + name + ".weight"] = _gen((out_f, in_f), in_f, g, scale)
-        if bias:
-            sd[prefix + name + ".bias"] = torch.zeros(out_f)
-
-    def conv(name, out_c, in_c, k, bias=True, scale=1.0):
-        sd[prefix + name + ".weight"] = _gen((out_c, in_c, k, k), in_c * k * k, g, scale)
-        if bias:
-            sd[prefix + name + ".bias"] = torch.zeros(out_c)
-
-    def norm(name, c):
-        sd[prefix + name + ".weight"] = torch.ones(c)
-        sd[prefix + name + ".bias"] = torch.zeros(c)
-
-    def resblock(name, cin, cout):
-        norm(f"{name}.in_layers.0", cin)
-        conv(f"{name}.in_layers.2", cout, cin, 3)
-        lin(f"{name}.emb_layers.1", cout, T)
-        norm(f"{name}.out_layers.0", cout)
-        conv(f"{name}.out_layers.3", cout, cout, 3, scale=0.5)
-        if cin != cout:
-            conv(f"{name}.skip_connection", cout, cin, 1)
-
-    def transformer(name, c, depth):
-        norm(f"{name}.norm", c)
-        lin(f"{name}.proj_in", c, c)
-        for d in range(depth):
-            b = f"{name}.transformer_blocks.{d}"
-            for attn, kv_dim in (("attn1", c), ("attn2", context_dim)):
-                lin(f"{b}.{attn}.to_q", c, c, bias=False)
-                lin(f"{b}.{attn}.to_k", c, kv_dim, bias=False)
-                lin(f"{b}.{attn}.to_v", c, kv_dim, bias=False)
-                lin(f"{b}.{attn}.to_out.0", c, c)
-            lin(f"{b}.ff.net.0.proj", 8 * c, c)
-            lin(f"{b}.ff.net.2", c, 4 * c)
-            for n in ("norm1", "norm2", "norm3"):
-                norm(f"{b}.{n}", c)
-        lin(f"{name}.proj_out", c, c, scale=0.5)
+    w = _UNetStateWriter(seed, prefix, T, context_dim)
+    sd = w.sd
+    lin, conv, norm, resblock, transformer = w.lin, w.conv, w.norm, w.resblock, w.transformer
 
     lin("time_embed.0", T, C)
     lin("time_embed.2", T, T)
