@@ -178,10 +178,12 @@ def main(argv=None):
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {rows[n][-1]['step_s']:.2f} s/step ({rows[n][-1]['attn2_s']:.2f} in attn2)" for n in names), flush=True)
 
+    from bench_server import cpu_model  # the machine's name, as every server-level result records it
+
     base = "no adapter"
     result = {"arch": "sd15", "model_channels": args.channels, "latent": args.latent, "steps": args.steps,
               "layout": args.layout, "rounds_n": args.rounds, "device": "cpu",
-              "cpu": bench_cpu(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+              "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "loadavg_end": list(os.getloadavg()),
               "note": args.note, "variants": {}}
     for name in names:
@@ -218,16 +220,6 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
-
-
-def bench_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
