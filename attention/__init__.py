@@ -4,7 +4,8 @@
 """
 from .contexts import ImageContext
 from .reference import decoupled_attention_torch
-from .fused_triton import PackedContexts, pack_image_contexts, fused_decoupled_attention, MAX_IMAGE_CONTEXTS
+from .fused_triton import fused_decoupled_attention, MAX_IMAGE_CONTEXTS
+from .packing import PackedContexts, pack_image_contexts
 from .dispatch import (
     AttentionShape,
     available_backends,

@@ -28,7 +28,7 @@ import torch
 
 from . import fused_triton
 from .contexts import ImageContext
-from .fused_triton import PackedContexts
+from .packing import PackedContexts
 from .reference import AttentionFn, decoupled_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")

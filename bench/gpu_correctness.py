@@ -21,7 +21,8 @@ sys.modules["ipadapter_fused"] = pkg
 spec.loader.exec_module(pkg)
 
 from ipadapter_fused.attention import ImageContext, decoupled_attention_torch  # noqa: E402
-from ipadapter_fused.attention.fused_triton import fused_decoupled_attention, pack_image_contexts  # noqa: E402
+from ipadapter_fused.attention.fused_triton import fused_decoupled_attention  # noqa: E402
+from ipadapter_fused.attention.packing import pack_image_contexts  # noqa: E402
 
 TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # max abs error, O(1) outputs
 CASES = [  # layout, B, H, D, Lq, Lt, image tokens per context
