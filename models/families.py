@@ -55,6 +55,13 @@ class AdapterSpec:
     resampler_heads: Optional[int] = None
     resampler_depth: Optional[int] = None
     resampler_ff_dim: Optional[int] = None
+    # Where and how the adapter injects. UNet adapters add an attention term at every attn2
+    # site; DiT adapters hook the host's dit blocks, named per layer in `layer_blocks`.
+    architecture: str = "unet"        # "unet" | "flux" | "sd3"
+    injection: str = "attn2"          # "attn2" | "xlabs" | "instantx-flux" | "instantx-sd3"
+    layer_blocks: tuple[tuple[str, int], ...] = ()  # DiT: host dit key of each layer, e.g. ("double_block", 3)
+    encoder_kind: str = "clip"        # "clip" | "siglip"
+    time_conditioned: bool = False    # tokens and K/V depend on the timestep (SD3.5's TimeResampler)
 
     @property
     def family_name(self) -> str:
