@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .encode import COMBINE_METHODS, encode_images, image_tokens
-from .patch import AppliedAdapter, begin_run, install
+from .patch import begin_run, install
+from .prompt import ImagePrompt
 from .schedules import EMBEDS_SCALING, resolve_site_weights
 from .unet_sites import unet_attn2_sites
 
@@ -158,7 +159,7 @@ def apply_adapter(
 
     sampling = model.get_model_object("model_sampling")
     skip = frozenset(s.key for s in sites if s.block == "middle") if middle_block != "patch" else frozenset()
-    entry = AppliedAdapter(
+    entry = ImagePrompt(
         adapter.weights, tokens, site_weights,
         sigma_start=sampling.percent_to_sigma(start_at),
         sigma_end=sampling.percent_to_sigma(end_at),

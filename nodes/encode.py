@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..models.encoding import COMBINE_METHODS
-from .patch import tensor_to_size
+from .prompt import tensor_to_size
 
 _ENCODE_CHUNK = 16
 # The host resizes the shorter side to the encoder's size before cropping the centre, so a

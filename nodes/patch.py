@@ -7,32 +7,24 @@ every clone(): a patch then gives a shallow copy (its adapters, which hold the t
 are shared), so that a pack which adds its own terms to the patch in place
 (ComfyUI_IPAdapter_plus's `add`) changes only its own clone.
 
-An `AppliedAdapter` is one apply node's result: image tokens, per-layer weights, the
-sampling window (fractions of the schedule) and an optional mask. When a run starts,
-`begin_run` turns the window into sigmas with the model's model_sampling of that run (a
-ModelSampling node may follow the apply node) and lets each patch see a foreign patch on
-the 2-element key the host would otherwise fall back to. Its K/V per layer are computed
-the first time a run needs them, packed with those of the other adapters on the same key,
-kept for the rest of the run and released when sampling ends."""
+Each entry is an `ImagePrompt` (prompt.py): one apply node's tokens, per-layer weights,
+window and mask. When a run starts, `begin_run` turns every window into sigmas with the
+model_sampling of that run (a ModelSampling node may follow the apply node) and lets each
+patch see a foreign patch on the 2-element key the host would otherwise fall back to. The
+K/V of a layer are computed the first time a run needs them, packed with those of the
+other prompts on the same key, kept for the rest of the run and released when sampling
+ends."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import weakref
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from ..attention import ImageContext, decoupled_attention, mask_to_tokens, pack_image_contexts
+from ..attention import decoupled_attention, mask_to_tokens, pack_image_contexts
 from .host import host_attention_fn
-from .schedules import SiteWeight
-
-
-def tensor_to_size(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Repeat the last row or cut, so that x has n rows (the established convention)."""
-    if x.shape[0] < n:
-        return torch.cat([x, x[-1:].expand(n - x.shape[0], *x.shape[1:])], dim=0)
-    return x[:n]
+from .prompt import ImagePrompt
 
 
 class _StepSigma:
@@ -57,123 +49,6 @@ class _StepSigma:
 
 
 _step_sigma = _StepSigma()
-
-
-class AppliedAdapter:
-    """One application of an adapter to a model. Immutable apart from its run cache."""
-
-    def __init__(
-        self,
-        weights,                      # models.IPAdapterWeights (kept loaded by the host with the model)
-        tokens: torch.Tensor,         # (2, N, T, C): positive and negative tokens of N images
-        site_weights: Sequence[SiteWeight],
-        sigma_start: float,
-        sigma_end: float,
-        embeds_scaling: str = "V only",
-        mask: Optional[torch.Tensor] = None,  # (M, H, W) in [0, 1]
-        window: Optional[tuple[float, float]] = None,  # (start_at, end_at), fractions of the schedule
-    ):
-        """sigma_start / sigma_end: the window in sigmas of the model at apply time, used for
-        calls outside a sampling run; `window` (fractions) is resolved again from the
-        model_sampling of each run (begin_run)."""
-        self.weights = weights
-        self.tokens = tokens
-        self.site_weights = tuple(site_weights)
-        self.sigma_start = float(sigma_start)
-        self.sigma_end = float(sigma_end)
-        self.window = None if window is None else (float(window[0]), float(window[1]))
-        self.embeds_scaling = embeds_scaling
-        self.mask = mask
-        self._cache: dict = {}
-        self._run_sigmas: Optional[tuple[float, float]] = None
-        self.order_key = self._content_key()
-
-    def _content_key(self) -> str:
-        """A digest of everything that shapes this adapter's terms. Patches sum their image
-        terms sorted by it, so stacked apply nodes give bit-identical results in any order."""
-        h = hashlib.sha1()
-        for t in (self.tokens, self.mask):
-            if t is not None:
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(repr((self.site_weights, self.window or (self.sigma_start, self.sigma_end), self.embeds_scaling,
-                       getattr(self.weights, "spec", None))).encode())
-        return h.hexdigest()
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def begin_run(self, model_sampling) -> None:
-        """Resolve the window to sigmas with the model_sampling of the run about to start,
-        as the host does for ControlNet (a ModelSampling node after the apply node moves
-        the schedule)."""
-        if self.window is not None and model_sampling is not None:
-            start, end = self.window
-            self._run_sigmas = (float(model_sampling.percent_to_sigma(start)),
-                                float(model_sampling.percent_to_sigma(end)))
-
-    def release(self):
-        """Drop the packed K/V, masks and window of a run."""
-        self._cache.clear()
-        self._run_sigmas = None
-
-    def active(self, sigma: Optional[float]) -> bool:
-        start, end = self._run_sigmas or (self.sigma_start, self.sigma_end)
-        return sigma is None or (end <= sigma <= start)
-
-    def layer_kv(self, layer: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This adapter's image K/V at one layer, rows (positive, negative). Called only when
-        a patch packs its contexts, i.e. once per run and layer."""
-        sw = self.site_weights[layer]
-        tokens = self.tokens
-        if sw.swap:
-            tokens = torch.stack([torch.zeros_like(tokens[0]), tokens[0]])
-        with torch.no_grad():
-            # One projection per row with the images as the batch, the shapes the established
-            # implementation multiplies with, so its results are reproduced bit for bit; the
-            # images' tokens are then joined into one context (concat).
-            kv = [self.weights.layer_kv(layer, row) for row in tokens]
-            k = torch.stack([x[0].reshape(-1, x[0].shape[-1]) for x in kv])
-            v = torch.stack([x[1].reshape(-1, x[1].shape[-1]) for x in kv])
-            if self.embeds_scaling != "V only":
-                w = sw.weight
-                if "C penalty" in self.embeds_scaling:
-                    w = w * k.shape[-1] / 1280.0
-                k = k * w
-                if self.embeds_scaling.startswith("K+mean(V)"):
-                    mean = v.mean(dim=1, keepdim=True)
-                    v = (v - mean) + mean * w
-                else:
-                    v = v * w
-        return k.to(device, dtype), v.to(device, dtype)
-
-    @staticmethod
-    def _batch_index(cond_or_uncond: tuple, batch: int, device) -> torch.Tensor:
-        per_chunk = batch // len(cond_or_uncond)
-        # 1 is the negative (uncond) chunk; every other chunk reads the positive tokens.
-        rows = [1 if c == 1 else 0 for c in cond_or_uncond for _ in range(per_chunk)]
-        return torch.tensor(rows, dtype=torch.long, device=device)
-
-    def _mask_rows(self, extra_options: dict, cond_or_uncond: tuple, batch: int, seq_len: int, device, dtype):
-        _, _, lh, lw = extra_options["original_shape"]
-        rows = mask_to_tokens(self.mask.to(device), lh, lw, seq_len)
-        return tensor_to_size(rows, batch // len(cond_or_uncond)).repeat(len(cond_or_uncond), 1).to(dtype)
-
-    def context(self, layer: int, q: torch.Tensor, extra_options: dict) -> Optional[ImageContext]:
-        sw = self.site_weights[layer]
-        if sw.weight == 0:
-            return None
-        k, v = self.layer_kv(layer, q.device, q.dtype)
-        cond_or_uncond = tuple(extra_options["cond_or_uncond"])
-        batch = q.shape[0]
-        mask = None
-        if self.mask is not None:
-            mask = self._mask_rows(extra_options, cond_or_uncond, batch, q.shape[1], q.device, q.dtype)
-        return ImageContext(
-            k=k, v=v,
-            weight=sw.weight if self.embeds_scaling == "V only" else 1.0,
-            mask=mask,
-            batch_index=self._batch_index(cond_or_uncond, batch, q.device),
-        )
 
 
 class Attn2Patch:
@@ -210,7 +85,7 @@ class Attn2Patch:
     def to(self, device):
         return self  # holds no tensors; K/V are cached per device by the entries
 
-    def with_entry(self, entry: AppliedAdapter) -> "Attn2Patch":
+    def with_entry(self, entry: ImagePrompt) -> "Attn2Patch":
         return self._replace(entries=self.entries + (entry,))
 
     def add(self, callback, **kwargs) -> None:
@@ -237,7 +112,10 @@ class Attn2Patch:
         cache = active[0]._cache  # released with the run like the K/V it packs
         pack = cache.get(key)
         if pack is None:
-            contexts = [e.context(self.layer, q, extra_options) for e in active]
+            lh, lw = extra_options["original_shape"][2:]
+            seq_len = q.shape[1]
+            contexts = [e.context(self.layer, q.shape[0], cond_or_uncond, q.device, q.dtype,
+                                  to_tokens=lambda m: mask_to_tokens(m, lh, lw, seq_len)) for e in active]
             pack = cache[key] = pack_image_contexts(contexts, q.shape[0], extra_options["n_heads"], "blc",
                                                     dtype=q.dtype, device=q.device)
         return pack
@@ -267,7 +145,7 @@ class Attn2Patch:
         return out.to(q.dtype)
 
 
-def install(model_options: dict, sites, entry: AppliedAdapter, skip_keys=frozenset()) -> dict:
+def install(model_options: dict, sites, entry: ImagePrompt, skip_keys=frozenset()) -> dict:
     """Return new transformer_options with `entry` added on every site's key.
 
     Copies the dicts it changes (never mutates what another clone shares). A foreign
@@ -292,7 +170,7 @@ def install(model_options: dict, sites, entry: AppliedAdapter, skip_keys=frozens
     return to
 
 
-def begin_run(model_options: dict, model_sampling) -> list[AppliedAdapter]:
+def begin_run(model_options: dict, model_sampling) -> list[ImagePrompt]:
     """Prepare the model options of one sampling run (the run's own copy, whose nested dicts
     the host has already copied) and return the adapters in them, to release afterwards.
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ipadapter_fused.nodes import patch as patch_mod
-from ipadapter_fused.nodes.patch import AppliedAdapter, Attn2Patch, install
+from ipadapter_fused.nodes.patch import Attn2Patch, install
+from ipadapter_fused.nodes.prompt import ImagePrompt
 from ipadapter_fused.nodes.schedules import Site, SiteWeight
 
 H, D, C_CTX, T = 2, 8, 12, 4
@@ -50,7 +51,7 @@ def extra_options(cond_or_uncond, sigma=5.0, latent=(8, 8)):
 def make_entry(weights, layer_weights, seed=1, **kw):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(2, T, C_CTX, generator=g)
-    return AppliedAdapter(weights, tokens, layer_weights, kw.pop("sigma_start", 1e9), kw.pop("sigma_end", 0.0), **kw)
+    return ImagePrompt(weights, tokens, layer_weights, kw.pop("sigma_start", 1e9), kw.pop("sigma_end", 0.0), **kw)
 
 
 def expected(q, k, v, cond_or_uncond, entries, layer, sigma=5.0, mask_rows=None):

@@ -19,7 +19,7 @@ Fixtures
     .images(result) -> uint8 arrays written by SaveImage;  .output_path(file_record)
     .upload_image(path, name=None) -> name for LoadImage;  .add_model(folder, path, name=None) -> name
     .object_info / .refresh_object_info();  .rss() server RSS in bytes;  .alive();  .log_tail(n)
-    .run_caches() -> {"adapters", "cached"}: live AppliedAdapter objects and their run-cache entries, read
+    .run_caches() -> {"adapters", "cached"}: live ImagePrompt objects and their run-cache entries, read
                       through the test-only probe route of tests/server/ipaf_test_probe (loaded beside the pack)
     .work         the session's temp folder (adapters made there);  .server  the runner's ComfyServer
     .client       the runner's HostClient (get_json, post_json, history, view, ...)

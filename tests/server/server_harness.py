@@ -167,7 +167,7 @@ class ServerHarness:
         return self.server.log_tail(lines)
 
     def run_caches(self) -> dict:
-        """{"adapters": live AppliedAdapter objects, "cached": entries in their run caches} (test probe)."""
+        """{"adapters": live ImagePrompt objects, "cached": entries in their run caches} (test probe)."""
         return self.client.get_json("/ipaf_test/run_caches")
 
     def wait_done(self, prompt_id: str, timeout: float = 600.0) -> dict:

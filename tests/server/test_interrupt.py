@@ -1,7 +1,7 @@
 """Interrupt: POST /interrupt while the sampler runs. The interrupted prompt ends as interrupted,
 its run caches are released, and the next run is bit-identical to an uninterrupted one.
 
-The run caches (packed image K/V and masks of AppliedAdapter) are read through the test-only probe
+The run caches (packed image K/V and masks of ImagePrompt) are read through the test-only probe
 route /ipaf_test/run_caches (tests/server/ipaf_test_probe); it answers while the sampler runs, which
 also shows the probe sees a filled cache (the check after the interruption is not vacuous)."""
 from __future__ import annotations
