@@ -29,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import util  # noqa: E402
+from dit_fixtures import dit_cond, dit_sampler, tiny_chroma, tiny_flux, tiny_sd3  # noqa: E402,F401  (DiT fixtures)
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,6 +56,7 @@ def pytest_sessionfinish(session, exitstatus):
     # drop the cached ModelPatchers while the host's modules are still alive (their __del__ needs them)
     import gc
     util._UNETS.clear()
+    sys.modules["dit_models"]._MODELS.clear()
     gc.collect()
 
 

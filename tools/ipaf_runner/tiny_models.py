@@ -427,3 +427,177 @@ def sdxl_models(work_dir: Path, cache_dir: Path | None = None) -> dict:
     adapter = make_adapter(Path(work_dir) / "ipadapter" / SC_SDXL_ADAPTER, "base", SC_SDXL_LAYER_DIMS,
                            SC_SDXL_CONTEXT, ENCODER_WIDTH["base"])
     return {"checkpoints": [ckpt], "ipadapter": [adapter]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny DiTs (Flux dev, Chroma, SD3.5-Large-style MMDiT) in the real diffusion-model key layouts, for the
+# DiT image-prompt tests (tests/host/dit_models.py builds host models from these state dicts).
+#
+# What the host (0.3.64) reads from the shapes when it loads a file (comfy/model_detection.py):
+# - MMDiT: everything. hidden = 64 * depth (x_embedder rows), heads = depth, one joint block per depth
+#   (the last one's context half is pre_only), context width from context_embedder, pooled width from
+#   y_embedder, qk_norm "rms" from ln_q keys, pos_embed_max_size = sqrt(pos_embed rows). So a tiny SD3
+#   file loads through UNETLoader / comfy.sd.load_diffusion_model_state_dict as is.
+# - Flux / Chroma: only the block counts, in/vec widths and the Flux/Chroma switch. hidden 3072, 24 heads,
+#   context 4096, axes (16, 56, 56) are hard-coded (Chroma also its approximator 64 -> 5120 x 5 -> 3072),
+#   so a narrow Flux/Chroma file does not load through UNETLoader; tests build the host's own model
+#   classes with the config written into the file's metadata (key DIT_CONFIG_METADATA).
+# Weights: matrices N(0, 1/fan_in), biases N(0, 0.02^2), norm scales 1 + N(0, 0.1^2): nothing is a
+# neutral value, so a reference that skips a bias or a norm scale fails its comparison.
+# --------------------------------------------------------------------------------------------------
+DIT_CONFIG_METADATA = "ipaf_tiny_dit_config"
+
+TINY_FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                        hidden_size=128, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                        axes_dim=[8, 28, 28], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+# Chroma: in/out channels are the patchified width (16 x 2 x 2); the approximator maps
+# [16 timestep + 16 guidance + 32 index] features to one modulation vector of width hidden_size.
+TINY_CHROMA_CONFIG = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64,
+                          hidden_size=128, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                          axes_dim=[8, 28, 28], theta=10000, patch_size=2, qkv_bias=True,
+                          in_dim=64, out_dim=128, hidden_dim=64, n_layers=2)
+# SD3.5-Large-style: qk_norm rms, no x_block_self_attn (that is SD3.5 Medium). depth 2 = width 128, 2 heads.
+TINY_SD3_CONFIG = dict(depth=2, in_channels=16, patch_size=2, context_dim=64, adm_in_channels=32,
+                       pos_embed_max_size=16, qk_norm=True)
+
+
+class _DiTStateWriter:
+    """Random DiT weights in a fixed order (a seed always gives the same state)."""
+
+    def __init__(self, seed: int, prefix: str):
+        import torch
+        self.torch = torch
+        self.g = torch.Generator().manual_seed(seed)
+        self.sd = {}
+        self.prefix = prefix
+
+    def lin(self, name, out_f, in_f, bias=True, scale=1.0):
+        self.sd[self.prefix + name + ".weight"] = _gen((out_f, in_f), in_f, self.g, scale)
+        if bias:
+            self.sd[self.prefix + name + ".bias"] = self.torch.randn(out_f, generator=self.g) * 0.02
+
+    def scale(self, name, n, key="scale"):
+        self.sd[f"{self.prefix}{name}.{key}"] = 1.0 + 0.1 * self.torch.randn(n, generator=self.g)
+
+    def tensor(self, name, shape, fan_in, scale=1.0):
+        self.sd[self.prefix + name] = _gen(shape, fan_in, self.g, scale)
+
+    def mlp_embedder(self, name, in_dim, hidden):
+        self.lin(f"{name}.in_layer", hidden, in_dim)
+        self.lin(f"{name}.out_layer", hidden, hidden)
+
+
+def _flux_blocks(w, cfg, modulated: bool):
+    h = cfg["hidden_size"]
+    head_dim = h // cfg["num_heads"]
+    mlp = int(h * cfg["mlp_ratio"])
+    for i in range(cfg["depth"]):
+        b = f"double_blocks.{i}"
+        for s in ("img", "txt"):
+            if modulated:
+                w.lin(f"{b}.{s}_mod.lin", 6 * h, h)
+            w.lin(f"{b}.{s}_attn.qkv", 3 * h, h, bias=cfg["qkv_bias"])
+            w.scale(f"{b}.{s}_attn.norm.query_norm", head_dim)
+            w.scale(f"{b}.{s}_attn.norm.key_norm", head_dim)
+            w.lin(f"{b}.{s}_attn.proj", h, h)
+            w.lin(f"{b}.{s}_mlp.0", mlp, h)
+            w.lin(f"{b}.{s}_mlp.2", h, mlp, scale=0.5)
+    for i in range(cfg["depth_single_blocks"]):
+        b = f"single_blocks.{i}"
+        w.lin(f"{b}.linear1", 3 * h + mlp, h)
+        w.lin(f"{b}.linear2", h, h + mlp, scale=0.5)
+        w.scale(f"{b}.norm.query_norm", head_dim)
+        w.scale(f"{b}.norm.key_norm", head_dim)
+        if modulated:
+            w.lin(f"{b}.modulation.lin", 3 * h, h)
+
+
+def flux_state(config=None, seed=0, prefix="") -> dict:
+    """A Flux diffusion-model state dict (BFL / ComfyUI key names) for `config` (TINY_FLUX_CONFIG by default)."""
+    cfg = dict(TINY_FLUX_CONFIG, **(config or {}))
+    h, p = cfg["hidden_size"], cfg["patch_size"]
+    w = _DiTStateWriter(seed, prefix)
+    w.lin("img_in", h, cfg["in_channels"] * p * p)
+    w.mlp_embedder("time_in", 256, h)
+    w.mlp_embedder("vector_in", cfg["vec_in_dim"], h)
+    if cfg["guidance_embed"]:
+        w.mlp_embedder("guidance_in", 256, h)
+    w.lin("txt_in", h, cfg["context_in_dim"])
+    _flux_blocks(w, cfg, modulated=True)
+    w.lin("final_layer.linear", p * p * cfg["out_channels"], h, scale=0.5)
+    w.lin("final_layer.adaLN_modulation.1", 2 * h, h)
+    return w.sd
+
+
+def chroma_state(config=None, seed=0, prefix="") -> dict:
+    """A Chroma diffusion-model state dict: Flux blocks without per-block modulation, plus the
+    distilled_guidance_layer (approximator) that computes every block's modulations at once."""
+    cfg = dict(TINY_CHROMA_CONFIG, **(config or {}))
+    h = cfg["hidden_size"]
+    w = _DiTStateWriter(seed, prefix)
+    w.lin("img_in", h, cfg["in_channels"])
+    w.lin("txt_in", h, cfg["context_in_dim"])
+    a = "distilled_guidance_layer"
+    w.lin(f"{a}.in_proj", cfg["hidden_dim"], cfg["in_dim"])
+    for j in range(cfg["n_layers"]):
+        w.mlp_embedder(f"{a}.layers.{j}", cfg["hidden_dim"], cfg["hidden_dim"])
+        w.scale(f"{a}.norms.{j}", cfg["hidden_dim"])
+    w.lin(f"{a}.out_proj", cfg["out_dim"], cfg["hidden_dim"])
+    _flux_blocks(w, cfg, modulated=False)
+    w.lin("final_layer.linear", cfg["out_channels"], h, scale=0.5)
+    return w.sd
+
+
+def sd3_state(config=None, seed=0, prefix="") -> dict:
+    """An SD3 / SD3.5 MMDiT state dict (SAI key names) for `config` (TINY_SD3_CONFIG by default)."""
+    cfg = dict(TINY_SD3_CONFIG, **(config or {}))
+    depth, p = cfg["depth"], cfg["patch_size"]
+    h, head_dim = 64 * depth, 64
+    w = _DiTStateWriter(seed, prefix)
+    w.tensor("x_embedder.proj.weight", (h, cfg["in_channels"], p, p), cfg["in_channels"] * p * p)
+    w.sd[prefix + "x_embedder.proj.bias"] = w.torch.randn(h, generator=w.g) * 0.02
+    w.tensor("pos_embed", (1, cfg["pos_embed_max_size"] ** 2, h), 1, scale=0.1)
+    w.lin("t_embedder.mlp.0", h, 256)
+    w.lin("t_embedder.mlp.2", h, h)
+    w.lin("y_embedder.mlp.0", h, cfg["adm_in_channels"])
+    w.lin("y_embedder.mlp.2", h, h)
+    w.lin("context_embedder", h, cfg["context_dim"])
+    for i in range(depth):
+        for part in ("context_block", "x_block"):
+            b = f"joint_blocks.{i}.{part}"
+            pre_only = part == "context_block" and i == depth - 1
+            w.lin(f"{b}.adaLN_modulation.1", (2 if pre_only else 6) * h, h)
+            w.lin(f"{b}.attn.qkv", 3 * h, h)
+            if cfg["qk_norm"]:
+                w.scale(f"{b}.attn.ln_q", head_dim, key="weight")
+                w.scale(f"{b}.attn.ln_k", head_dim, key="weight")
+            if not pre_only:
+                w.lin(f"{b}.attn.proj", h, h)
+                w.lin(f"{b}.mlp.fc1", 4 * h, h)
+                w.lin(f"{b}.mlp.fc2", h, 4 * h, scale=0.5)
+    w.lin("final_layer.linear", p * p * cfg["in_channels"], h, scale=0.5)
+    w.lin("final_layer.adaLN_modulation.1", 2 * h, h)
+    return w.sd
+
+
+DIT_STATES = {"flux": (flux_state, TINY_FLUX_CONFIG), "chroma": (chroma_state, TINY_CHROMA_CONFIG),
+              "sd3": (sd3_state, TINY_SD3_CONFIG)}
+
+
+def write_tiny_dit(path: Path, kind: str, config=None, seed=0) -> Path:
+    """Write the tiny `kind` ('flux' / 'chroma' / 'sd3') diffusion model as float32 .safetensors (keys without
+    prefix, as in diffusion_models/ files), with its config as JSON in the metadata (DIT_CONFIG_METADATA).
+    The SD3 file loads through UNETLoader as is; Flux / Chroma files need the config (see above)."""
+    import json
+    from safetensors.torch import save_file
+    make, base = DIT_STATES[kind]
+    cfg = dict(base, **(config or {}))
+    sd = make(cfg, seed=seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp),
+              metadata={"generated_by": "ipadapter-fused tiny DiT (random weights)",
+                        DIT_CONFIG_METADATA: json.dumps({"kind": kind, **cfg})})
+    os.replace(tmp, path)
+    return path
