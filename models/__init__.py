@@ -7,11 +7,28 @@ from .families import AdapterSpec, detect_family, expected_shapes
 from .loading import AdapterFormatError, load_adapter_state
 from .projections import LinearTokens, Resampler, TokenMLP, build_projection
 from .synthetic import save_synthetic_adapter, sd15_layer_dims, sdxl_layer_dims, synthetic_adapter_state
+from .dit_adapter import DiTAdapterWeights, Projected
+from .dit_families import detect_dit_family, dit_family_of, expected_dit_shapes, with_dit_blocks
+from .dit_projections import MLPTokens, TimeResampler, XLabsTokens
+from .synthetic import DIT_LAYOUTS, dit_adapter_spec, save_synthetic_dit_adapter, synthetic_dit_adapter_state
 
 __all__ = [
     "AdapterFormatError",
     "AdapterSpec",
     "COMBINE_METHODS",
+    "DIT_LAYOUTS",
+    "DiTAdapterWeights",
+    "MLPTokens",
+    "Projected",
+    "TimeResampler",
+    "XLabsTokens",
+    "detect_dit_family",
+    "dit_adapter_spec",
+    "dit_family_of",
+    "expected_dit_shapes",
+    "save_synthetic_dit_adapter",
+    "synthetic_dit_adapter_state",
+    "with_dit_blocks",
     "IPAdapterWeights",
     "LinearTokens",
     "Resampler",

@@ -169,12 +169,13 @@ def _header_state(path: str) -> Optional[dict[str, torch.Tensor]]:
     return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in header.items()}
 
 
-def load_adapter_file(path: str | os.PathLike) -> IPAdapterWeights:
+def load_adapter_file(path: str | os.PathLike) -> "IPAdapterWeights | DiTAdapterWeights":
     """Read, detect and build: the one call the node layer needs.
 
     A safetensors file is first judged from its header alone (keys, shapes, dtypes), so a
     multi-gigabyte UNet or LoRA put in the adapter folder is refused before its data is read.
-    Every AdapterFormatError starts with the file's name."""
+    Every AdapterFormatError starts with the file's name. DiT adapters (Flux XLabs / InstantX, SD3.5
+    InstantX) come back as DiTAdapterWeights, UNet adapters as IPAdapterWeights."""
     path = os.fspath(path)
     name = os.path.basename(path)
     try:
@@ -187,7 +188,11 @@ def load_adapter_file(path: str | os.PathLike) -> IPAdapterWeights:
         except AdapterFormatError as e:
             raise AdapterFormatError(f"{name}: {e}") from e
     state = load_adapter_state(path)
+    from .dit_adapter import DiTAdapterWeights  # that module builds on this one
+    from .dit_families import dit_family_of
+
+    weights_cls = DiTAdapterWeights if dit_family_of(state) else IPAdapterWeights
     try:
-        return IPAdapterWeights.from_state(state)
+        return weights_cls.from_state(state)
     except AdapterFormatError as e:
         raise AdapterFormatError(f"{name}: {e}") from e

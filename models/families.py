@@ -62,6 +62,10 @@ class AdapterSpec:
     layer_blocks: tuple[tuple[str, int], ...] = ()  # DiT: host dit key of each layer, e.g. ("double_block", 3)
     encoder_kind: str = "clip"        # "clip" | "siglip"
     time_conditioned: bool = False    # tokens and K/V depend on the timestep (SD3.5's TimeResampler)
+    # DiT projection shapes the fields above do not fix (models/dit_families.py reads them off the file).
+    proj_hidden_dim: Optional[int] = None  # InstantX Flux: width of the MLP's hidden layer (2 x encoder width)
+    ip_head_dim: Optional[int] = None      # InstantX SD3.5: width of the per-head norm_q / norm_k / norm_ip_k
+    time_embed_in: Optional[int] = None    # InstantX SD3.5: width of the sinusoidal timestep features (320)
 
     @property
     def family_name(self) -> str:
@@ -72,6 +76,10 @@ class AdapterSpec:
         return "IP-Adapter"
 
     def describe(self) -> str:
+        if self.architecture != "unet":
+            from .dit_families import describe_dit  # that module builds on this one
+
+            return describe_dit(self)
         target = _ARCH_NAMES.get(self.arch_hint or "", "an unrecognised base model")
         what = "image_embeds" if self.encoder_input == "image_embeds" else "penultimate hidden states"
         text = (
@@ -152,7 +160,7 @@ def _foreign_hint(keys: list[str]) -> str:
     if has(lambda k: k.startswith(("vision_model.", "visual.", "vision_encoder."))):
         return "this looks like a CLIP vision encoder (it belongs in models/clip_vision)"
     if has(lambda k: "ip_adapter_double_stream" in k or k.startswith("ip_adapter_proj_model.")):
-        return "this looks like an XLabs Flux IP-Adapter, which is not supported yet"
+        return "this looks like an XLabs Flux IP-Adapter in a key layout this pack does not know"
     if has(lambda k: k.startswith(("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks."))):
         return "this looks like (part of) a DiT model such as Flux or SD3, not a UNet IP-Adapter"
     if has(lambda k: k.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.",
@@ -338,6 +346,11 @@ def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
     all_keys = [f"{g}.{k}" if g else k for g, sub in groups.items() for k in sub]
     if not all_keys:
         raise AdapterFormatError("the file holds no weights")
+
+    from .dit_families import detect_dit_family, dit_family_of  # that module builds on this one
+
+    if dit_family_of(groups):
+        return detect_dit_family(groups)
 
     faceid = _faceid_refusal(groups)
     if faceid:

@@ -18,6 +18,10 @@ __all__ = [
     "nest_state",
     "sd15_layer_dims",
     "sdxl_layer_dims",
+    "DIT_LAYOUTS",
+    "dit_adapter_spec",
+    "synthetic_dit_adapter_state",
+    "save_synthetic_dit_adapter",
 ]
 
 _DEFAULT_TOKENS = {"base": 4, "plus": 16, "full-face": 257}
@@ -116,6 +120,137 @@ def save_synthetic_adapter(path, layout: str, layer_dims, context_dim: int, enco
     (.bin/.pt/.pth) nested like the published files (flat with nested=False).
     Returns the flat state that was written."""
     state = synthetic_adapter_state(layout, layer_dims, context_dim, encoder_width, **kwargs)
+    path = os.fspath(path)
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save(nest_state(state) if nested else state, path)
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# DiT adapters (Flux XLabs, Flux InstantX, SD3.5 InstantX), tiny by default
+
+# Key layouts a writer can produce, per family (dit_facts.md lists where each one comes from):
+#   xlabs:  "xlabs"    XLabs' own file: ip_adapter_proj_model.* + double_blocks.N.processor.ip_adapter_double_stream_*
+#           "diffusers" diffusers' conversion: image_proj.* + ip_adapter.N.to_{k,v}_ip.{weight,bias}
+#           "mixed"    image_proj.* + double_blocks.N.processor.* (diffusers' loader accepts this mix)
+#           "wrapped"  "xlabs" behind a "diffusion_model." prefix (a whole-model export; accepted, not seen published)
+#   instantx-flux: "instantx"  image_proj.proj.{0,2}/norm + ip_adapter.N.to_{k,v}_ip (the published ip-adapter.bin)
+#   instantx-sd3:  "instantx"  the published ip-adapter.bin; "diffusers": the resampler under diffusers' names
+DIT_LAYOUTS = {
+    "xlabs": ("xlabs", "diffusers", "mixed", "wrapped"),
+    "instantx-flux": ("instantx",),
+    "instantx-sd3": ("instantx", "diffusers"),
+}
+
+_SD3_TO_DIFFUSERS = (
+    ("0.norm1.", "ln0."), ("0.norm2.", "ln1."), ("0.to_q.", "attn.to_q."), ("0.to_kv.", "attn.to_kv."),
+    ("0.to_out.", "attn.to_out.0."), ("1.0.", "adaln_norm."), ("1.1.", "ff.net.0.proj."), ("1.3.", "ff.net.2."),
+    ("2.1.", "adaln_proj."),
+)
+
+
+def dit_adapter_spec(family: str, *, hidden: int = 64, heads: int = 2, double_blocks: int = 2,
+                     single_blocks: int = 2, tokens: Optional[int] = None, context_dim: Optional[int] = None,
+                     encoder_width: int = 32, resampler_dim: int = HEAD_DIM, resampler_depth: int = 1,
+                     time_embed_in: int = 32) -> AdapterSpec:
+    """The spec of a synthetic DiT adapter for a model of width `hidden` (= heads x head dim) with
+    `double_blocks` double (SD3: joint) blocks and, for InstantX Flux, `single_blocks` single blocks.
+
+    Defaults are tiny: tokens 4, token width 32 (Flux) or `hidden` (SD3.5, as published), encoder width 32,
+    resampler 64 wide (one head of 64), 1 layer, 32 timestep features. InstantX Flux files do not record
+    where double blocks end; detection assumes models.dit_families.flux_instantx_split (2+2 for 4 layers,
+    19+38 for 57), so pick counts it reproduces or rebind the detected spec with with_dit_blocks."""
+    from .dit_families import flux_instantx_split, with_dit_blocks
+
+    if family not in DIT_LAYOUTS:
+        raise ValueError(f"unknown DiT family {family!r}; expected one of {tuple(DIT_LAYOUTS)}")
+    if hidden % heads:
+        raise ValueError(f"hidden {hidden} does not split into {heads} heads")
+    common = dict(tokens=tokens or 4, encoder_width=encoder_width, encoder_name=f"vision model of width {encoder_width}")
+    if family == "xlabs":
+        c = context_dim or 32
+        return AdapterSpec(layout="xlabs", context_dim=c, encoder_input="image_embeds", num_layers=double_blocks,
+                           layer_dims=(hidden,) * double_blocks, arch_hint="flux", architecture="flux",
+                           injection="xlabs", layer_blocks=tuple(("double_block", i) for i in range(double_blocks)),
+                           **common)
+    if family == "instantx-flux":
+        n = double_blocks + single_blocks
+        c = context_dim or 32
+        spec = AdapterSpec(layout="instantx-flux", context_dim=c, encoder_input="pooled", num_layers=n,
+                           layer_dims=(hidden,) * n, arch_hint="flux", architecture="flux", injection="instantx-flux",
+                           encoder_kind="siglip", proj_hidden_dim=2 * encoder_width, **common)
+        return with_dit_blocks(spec, *flux_instantx_split(n))  # what detection will say (see the docstring)
+    c = context_dim or hidden
+    if resampler_dim % HEAD_DIM:
+        raise ValueError(f"the resampler width must be a multiple of {HEAD_DIM} (its head width), got {resampler_dim}")
+    return AdapterSpec(layout="instantx-sd3", context_dim=c, encoder_input="penultimate", num_layers=double_blocks,
+                       layer_dims=(hidden,) * double_blocks, arch_hint="sd3", resampler_dim=resampler_dim,
+                       resampler_heads=resampler_dim // HEAD_DIM, resampler_depth=resampler_depth,
+                       resampler_ff_dim=4 * resampler_dim, architecture="sd3", injection="instantx-sd3",
+                       layer_blocks=tuple(("double_block", i) for i in range(double_blocks)), encoder_kind="siglip",
+                       time_conditioned=True, ip_head_dim=hidden // heads, time_embed_in=time_embed_in, **common)
+
+
+def _dit_key(key: str, family: str, layout: str) -> str:
+    """A canonical key under `layout`'s name."""
+    import re
+
+    if family == "xlabs" and layout in ("xlabs", "mixed", "wrapped"):
+        m = re.match(r"^ip_adapter\.(\d+)\.to_([kv])_ip\.(weight|bias)$", key)
+        if m:
+            key = f"double_blocks.{m.group(1)}.processor.ip_adapter_double_stream_{m.group(2)}_proj.{m.group(3)}"
+        elif key.startswith("image_proj.") and layout != "mixed":
+            key = "ip_adapter_proj_model." + key[len("image_proj."):]
+        return "diffusion_model." + key if layout == "wrapped" else key
+    if family == "instantx-sd3" and layout == "diffusers":
+        m = re.match(r"^image_proj\.layers\.(\d+)\.(.+)$", key)
+        if m:
+            for old, new in _SD3_TO_DIFFUSERS:
+                if m.group(2).startswith(old):
+                    return f"image_proj.layers.{m.group(1)}.{new}{m.group(2)[len(old):]}"
+    return key
+
+
+def synthetic_dit_adapter_state(family: str, layout: Optional[str] = None, *, seed: int = 0,
+                                dtype: torch.dtype = torch.float32, **dims) -> dict[str, torch.Tensor]:
+    """Flat tensors of a random DiT adapter in a real key layout (default: the published one), ready for
+    safetensors.save_file. `dims` go to dit_adapter_spec (hidden, heads, double_blocks, single_blocks,
+    tokens, context_dim, encoder_width, resampler_dim, resampler_depth, time_embed_in)."""
+    from .dit_families import expected_dit_shapes
+
+    layouts = DIT_LAYOUTS.get(family)
+    if layouts is None:
+        raise ValueError(f"unknown DiT family {family!r}; expected one of {tuple(DIT_LAYOUTS)}")
+    layout = layout or layouts[0]
+    if layout not in layouts:
+        raise ValueError(f"unknown layout {layout!r} for {family}; expected one of {layouts}")
+    spec = dit_adapter_spec(family, **dims)
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in expected_dit_shapes(spec).items():
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if key.endswith("latents"):
+            t = noise / shape[-1] ** 0.5
+        elif len(shape) == 2:
+            t = noise / shape[1] ** 0.5  # 1/sqrt(fan_in) keeps activations O(1)
+        elif key.endswith(".weight"):  # LayerNorm / RMSNorm gains near 1, not exactly, so they matter
+            t = 1.0 + 0.1 * noise
+        else:
+            t = 0.05 * noise
+        state[_dit_key(key, family, layout)] = t.to(dtype).contiguous()
+    return state
+
+
+def save_synthetic_dit_adapter(path, family: str, layout: Optional[str] = None, *, nested: bool = True,
+                               **kwargs) -> dict[str, torch.Tensor]:
+    """Write a synthetic DiT adapter: .safetensors with flat keys, or a torch pickle (.bin/.pt/.pth)
+    nested by first key component like the published .bin files (flat with nested=False).
+    Returns the flat state that was written."""
+    state = synthetic_dit_adapter_state(family, layout, **kwargs)
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):
         from safetensors.torch import save_file
