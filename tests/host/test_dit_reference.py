@@ -332,3 +332,24 @@ def test_override_sees_every_block_attention(kind):
         assert _ratio(ref.unrotate(q, pe)[:, :, n_txt:], mine.q) <= 1e-5
         assert _ratio(ref.unrotate(k, pe)[:, :, n_txt:], mine.k) <= 1e-5
         assert _ratio(v[:, :, n_txt:], mine.v) <= 1e-5
+
+
+def test_flux_reference_latents_append_image_rows():
+    """Kontext-style reference latents (cond "reference_latents") are appended to the image stream after the
+    image tokens: double blocks get ceil(h/2)*ceil(w/2) + the reference tokens as img rows, single blocks
+    text + both; the references still equal the host's blocks there."""
+    import torch
+    model = dit_models.build_dit("flux")
+    log = []
+    for key in dit_models.block_keys(model):
+        model.set_model_patch_replace(Probe(key, log), "dit", key[0], key[1])
+    cond = dit_models.make_dit_cond("flux", tokens=5)
+    cond[0][1]["reference_latents"] = [torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(1))]
+    dit_models.sample_dit(model, "flux", positive=cond, steps=1, latent_size=8)
+    dm = dit_models.diffusion_model(model)
+    for key, inputs, out in log:
+        rows = 5 + 16 + 9 if key[0] == "single_block" else 16 + 9
+        assert inputs["img"].shape[1] == rows and inputs["pe"].shape[2] == 5 + 16 + 9
+        want = _reference("flux", ref.host_block(dm, key), key, inputs)
+        for name, value in out.items():
+            assert _ratio(value, want[name]) <= BLOCK_BOUND
