@@ -19,8 +19,12 @@ What each model takes (the host's conditioning format, [[context, {extras}]]):
   chroma  16 ch, /8   any L, context_in_dim      pooled_output key required by  guidance default 0; no vec:
                       (real: T5-XXL 4096)        the host (encode_adm), None ok modulations from the approximator
   sd3     16 ch, /8   any L, context_dim         pooled_output (B, adm)         model_type FLOW (shift 3)
-                      (real: 77 CLIP + 256 T5    (real: CLIP-L 768 + CLIP-G
-                      tokens, width 4096)        1280 = 2048)
+                      (real: 77 CLIP-L|G rows    (real: CLIP-L 768 + CLIP-G
+                      padded to 4096, then T5    1280 = 2048)
+                      rows, >= 77; width 4096)
+
+The host needs the "pooled_output" key in every cond dict for all three (Flux.encode_adm / SD3.encode_adm read
+it; KeyError without it); Chroma ignores its value (None is fine). Real Flux T5 context: >= 256 rows.
 
 Patch size 2 for all three: image tokens = ceil(h/2) * ceil(w/2) of the latent. Block keys for
 patches_replace["dit"]: Flux / Chroma ("double_block", i) for i < depth, ("single_block", i) for
