@@ -14,7 +14,7 @@ from .dispatch import (
     set_prefer_torch_rule,
     triton_available,
 )
-from .masks import mask_to_tokens
+from .masks import mask_to_patch_tokens, mask_to_tokens, patch_grid
 
 __all__ = [
     "ImageContext",
@@ -29,5 +29,7 @@ __all__ = [
     "triton_available",
     "AttentionShape",
     "MAX_IMAGE_CONTEXTS",
+    "mask_to_patch_tokens",
     "mask_to_tokens",
+    "patch_grid",
 ]

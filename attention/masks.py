@@ -55,3 +55,29 @@ def mask_to_tokens(mask: torch.Tensor, latent_h: int, latent_w: int, seq_len: in
         start = (n - seq_len) // 2
         rows = rows[:, start:start + seq_len]
     return rows
+
+
+def patch_grid(latent_h: int, latent_w: int, patch: int) -> tuple[int, int]:
+    """Token grid of a DiT that pads the latent up to a multiple of the patch size and cuts
+    it into patch x patch tokens (Flux, Chroma, SD3)."""
+    if latent_h < 1 or latent_w < 1 or patch < 1:
+        raise ValueError(f"no patch grid for a {latent_h}x{latent_w} latent and patch size {patch}")
+    return -(-latent_h // patch), -(-latent_w // patch)
+
+
+def mask_to_patch_tokens(mask: torch.Tensor, latent_h: int, latent_w: int, patch: int) -> torch.Tensor:
+    """(M, H, W) mask -> (M, tokens) row weights on a DiT's patch grid, row-major.
+
+    The mask is resized to the latent, then each token gets the mean over the latent cells
+    its patch covers. Padding cells at the bottom/right edge of an odd-sized latent hold no
+    picture, so they do not count: a token half over the picture takes the mask of that half."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be (H, W) or (M, H, W), got shape {tuple(mask.shape)}")
+    gh, gw = patch_grid(latent_h, latent_w, patch)
+    cells = F.interpolate(mask[:, None].float(), size=(latent_h, latent_w), mode="bilinear")
+    # ceil_mode windows past the edge are averaged over the cells inside it only
+    tokens = F.avg_pool2d(cells, kernel_size=patch, stride=patch, ceil_mode=True)
+    assert tokens.shape[-2:] == (gh, gw)
+    return tokens.reshape(mask.shape[0], gh * gw)

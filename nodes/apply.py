@@ -7,6 +7,9 @@ from typing import Optional
 
 import torch
 
+from ..models.encoding import combine_embeds as combine
+from .dit_apply import check_architecture, check_dit_fits, dit_prompt, install_dit_prompt
+from .dit_patch import apply_model_wrapper, dit_prompts
 from .encode import COMBINE_METHODS, encode_images, image_tokens
 from .patch import begin_run, install
 from .prompt import ImagePrompt
@@ -97,6 +100,9 @@ def run_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     sampling = guider.model_patcher.get_model_object("model_sampling")
     entries = begin_run(guider.model_options, sampling)
+    for prompt in dit_prompts(guider.model_options):
+        prompt.begin_run(sampling)
+        entries.append(prompt)
     try:
         noise = args[0] if args else kwargs.get("noise")
         if noise is not None:
@@ -145,6 +151,25 @@ def apply_adapter(
 
     spec = adapter.spec
     unet = model.get_model_object("diffusion_model")
+    dit = check_architecture(spec, unet)
+    if dit is not None:
+        check_dit_fits(spec, dit)
+        mask = _check_mask(attn_mask)
+        pos, neg = encode_images(clip_vision, spec, image, image_negative)
+        if combine_embeds != "concat" and pos.shape[0] > 1:
+            pos, neg = combine(pos, combine_embeds), neg[:1]
+        mm.load_models_gpu([adapter.patcher])
+        sampling = model.get_model_object("model_sampling")
+        prompt = dit_prompt(model, dit, adapter, pos, neg, weight, weight_type, layer_weights,
+                            sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at),
+                            (start_at, end_at), mask, embeds_scaling)
+        patched = model.clone()
+        install_dit_prompt(patched, dit, spec, prompt, unet)
+        _register(patched, adapter, pe)
+        if apply_model_wrapper not in patched.get_wrappers(pe.WrappersMP.APPLY_MODEL, ADDITIONAL_MODELS_KEY):
+            patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, ADDITIONAL_MODELS_KEY, apply_model_wrapper)
+        return patched
+
     sites = unet_attn2_sites(unet)
     check_adapter_fits(spec, sites, kolors_model=getattr(unet, "encoder_hid_proj", None) is not None)
     site_weights = resolve_site_weights(sites, weight_type, weight, weight_composition, layer_weights)
@@ -170,8 +195,13 @@ def apply_adapter(
 
     patched = model.clone()
     patched.model_options["transformer_options"] = install(patched.model_options, sites, entry, skip)
+    _register(patched, adapter, pe)
+    return patched
+
+
+def _register(patched, adapter, pe) -> None:
+    """Keep the adapter weights loaded with the model, and one run wrapper per model."""
     others = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
     patched.set_additional_models(ADDITIONAL_MODELS_KEY, others + [adapter.patcher])
     if run_wrapper not in patched.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY):
         patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, ADDITIONAL_MODELS_KEY, run_wrapper)
-    return patched

@@ -75,22 +75,87 @@ def _encode(clip_vision, images: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def encoder_output_name(spec) -> str:
-    return "penultimate_hidden_states" if spec.encoder_input == "penultimate" else "image_embeds"
+    return {"penultimate": "penultimate_hidden_states", "pooled": "last_hidden_state"}.get(
+        spec.encoder_input, "image_embeds")
+
+
+POOLING_HEAD_ATTR = "ipadapter_fused_pooling_head"
+_ENCODER_NAMES = {"clip": "a CLIP vision model", "siglip": "a SigLIP vision model"}
+
+
+def encoder_kind(clip_vision) -> str:
+    """'siglip' or 'clip', from the host model itself: SigLIP towers have no class token."""
+    embeddings = getattr(getattr(getattr(clip_vision, "model", None), "vision_model", None), "embeddings", None)
+    if embeddings is not None and getattr(embeddings, "class_embedding", "absent") is None:
+        return "siglip"
+    return "clip"
+
+
+def check_encoder_kind(clip_vision, spec) -> None:
+    want = getattr(spec, "encoder_kind", "clip")
+    have = encoder_kind(clip_vision)
+    if want != have:
+        raise ValueError(
+            f"this adapter needs {_ENCODER_NAMES[want]} ({spec.encoder_name}), but the connected CLIP_VISION is "
+            f"{_ENCODER_NAMES[have]}; load {spec.encoder_name} in the CLIP vision loader")
+
+
+def _pooling_head(clip_vision):
+    head = getattr(clip_vision, POOLING_HEAD_ATTR, None)
+    if head is None:
+        raise ValueError(
+            "this adapter reads SigLIP's pooled output, which the host's 'Load CLIP Vision' node does not keep "
+            "(it drops the pooling head); load the SigLIP file with 'IPAdapter CLIP Vision Loader (Fused)' instead")
+    return head
+
+
+def _pooled(clip_vision, hidden: torch.Tensor) -> torch.Tensor:
+    head = _pooling_head(clip_vision)
+    p = next(head.parameters())
+    with torch.no_grad():
+        return head(hidden.to(p.device)).to(hidden.device)
+
+
+def negative_convention(spec) -> str:
+    """What the uncond rows read when no negative image is given, as each family's reference
+    code does it: "black image" (its encoding), "zeros" (zero encoder output, projected), or
+    "positive" (the same tokens as the cond rows: the family has no trained negative).
+
+    - UNet adapters: zeros for image_embeds, a black image for hidden states (IP-Adapter);
+    - XLabs Flux: a black image (x-flux's pipeline encodes np.zeros when no negative is given);
+    - InstantX Flux: the positive tokens (it runs guidance-distilled Flux without an uncond pass);
+    - InstantX SD3.5: zero hidden states through the resampler (its pipeline's zeros_like)."""
+    injection = getattr(spec, "injection", "attn2")
+    if injection == "xlabs":
+        return "black image"
+    if injection == "instantx-flux":
+        return "positive"
+    if injection == "instantx-sd3":
+        return "zeros"
+    return "black image" if spec.encoder_input == "penultimate" else "zeros"
 
 
 def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Optional[torch.Tensor]):
     """Positive and negative encoder outputs for the adapter described by `spec`.
 
-    Negatives: for adapters reading hidden states, the encoding of a black image (or of
-    the given negative image); for adapters reading image_embeds, zeros (or the
-    negative image's embeds)."""
+    Negatives: the given negative image's encoding, else the family's convention (see
+    negative_convention)."""
     from ..models.encoding import check_embeds
 
     check_image(image, "image")
     if image_negative is not None:
         check_image(image_negative, "image_negative")
+    check_encoder_kind(clip_vision, spec)
     what = encoder_output_name(spec)
-    pos = _encode(clip_vision, image, what)
+    pooled = spec.encoder_input == "pooled"
+
+    def encode(images):
+        out = _encode(clip_vision, images, what)
+        return _pooled(clip_vision, out) if pooled else out
+
+    if pooled:
+        _pooling_head(clip_vision)  # before any encoding work
+    pos = encode(image)
     width = pos.shape[-1]
     if width != spec.encoder_width:
         raise ValueError(
@@ -98,11 +163,14 @@ def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Option
             f"CLIP vision model gives width {width}. Load the CLIP vision model the adapter was trained with."
         )
     check_embeds(pos, "image embeddings")
+    convention = negative_convention(spec)
     if image_negative is not None:
-        neg = _encode(clip_vision, image_negative, what)
-    elif spec.encoder_input == "penultimate":
+        neg = encode(image_negative)
+    elif convention == "black image":
         size = getattr(clip_vision, "image_size", 224)
-        neg = _encode(clip_vision, torch.zeros(1, size, size, 3), what)
+        neg = encode(torch.zeros(1, size, size, 3))
+    elif convention == "positive":
+        neg = pos
     else:
         neg = torch.zeros_like(pos)
     check_embeds(neg, "negative image embeddings")

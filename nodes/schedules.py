@@ -168,3 +168,98 @@ def resolve_site_weights(
             w = weight * 0.2
         out.append(SiteWeight(float(w), swap))
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# DiTs
+#
+# A DiT has no input/middle/output blocks and no layers tuned for style or composition, so
+# only the weight types that are shapes over depth carry over: the ramps run over the
+# blocks in forward order (double blocks, then single blocks), and "weak input / middle /
+# output" and "strong middle" act on the first, middle and last third of that order. The
+# style and composition types name SD1.5/SDXL transformer indices; nothing comparable has
+# been established for Flux or SD3, so they are refused rather than guessed.
+DIT_WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
+                    "weak middle", "strong middle", "custom")
+
+_DIT_BLOCK_PREFIX = {"double": "d", "joint": "d", "single": "s"}
+
+
+def parse_dit_layer_weights(text: str, blocks: Sequence[Site]) -> dict[int, float]:
+    """'d0:1.0, s3:0.5' (double/joint or single block index: factor), 'i:f' pairs with i the
+    block's place in forward order, or one factor per block in forward order. Returns
+    forward-order index -> factor."""
+    text = (text or "").strip()
+    names = {f"{_DIT_BLOCK_PREFIX[s.block]}{s.key[1]}": s.transformer_index for s in blocks}
+    n = len(blocks)
+    example = "'d0:1.0, d5:0.5, s10:0.0'"
+    if not text:
+        raise ValueError(f"weight_type 'custom' needs layer_weights, e.g. {example} (d = double block, s = single block)")
+    parts = [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
+    out: dict[int, float] = {}
+    try:
+        if all(":" in p for p in parts):
+            for p in parts:
+                name, f = (x.strip() for x in p.split(":", 1))
+                if name.lower() in names:
+                    out[names[name.lower()]] = float(f)
+                elif name.isdigit() and int(name) < n:
+                    out[int(name)] = float(f)
+                else:
+                    valid = ", ".join(sorted({f"{_DIT_BLOCK_PREFIX[s.block]}0..{_DIT_BLOCK_PREFIX[s.block]}"
+                                              f"{max(b.key[1] for b in blocks if b.block == s.block)}"
+                                              for s in blocks}))
+                    raise KeyError(f"layer_weights names block {name!r}, which this model does not have "
+                                   f"(it has {valid}, or forward-order indices 0..{n - 1})")
+        elif not any(":" in p for p in parts):
+            factors = [float(f) for f in parts]
+            if len(factors) > n:
+                raise KeyError(f"layer_weights lists {len(factors)} factors but this model has {n} blocks")
+            out = dict(enumerate(factors))
+        else:
+            raise ValueError("mixed")
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    except ValueError:
+        raise ValueError(f"layer_weights {text!r} is not understood: write 'block:factor' pairs separated by commas "
+                         f"(e.g. {example}) or up to {n} comma-separated factors, one per block") from None
+    if not all(math.isfinite(f) for f in out.values()):
+        raise ValueError(f"layer_weights {text!r} holds a factor that is not a finite number (NaN or inf)")
+    return out
+
+
+def resolve_dit_weights(layer_sites: Sequence[Site], blocks: Sequence[Site], weight_type: str, weight: float,
+                        layer_weights: str = "") -> list[SiteWeight]:
+    """One SiteWeight per adapter layer (layer_sites: the block each layer sits on; blocks:
+    every block of the model, in forward order)."""
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unknown weight_type {weight_type!r}; choose one of: {', '.join(WEIGHT_TYPES)}")
+    if weight_type not in DIT_WEIGHT_TYPES:
+        raise ValueError(
+            f"weight_type {weight_type!r} selects SD1.5/SDXL UNet layers and has no meaning on a DiT; "
+            f"on Flux, Chroma and SD3 use one of: {', '.join(DIT_WEIGHT_TYPES)}")
+    n = len(blocks)
+    custom = None
+    if (layer_weights and layer_weights.strip()) or weight_type == "custom":
+        custom = parse_dit_layer_weights(layer_weights, blocks)
+    half = n / 2
+    out = []
+    for s in layer_sites:
+        t = s.transformer_index
+        third = 3 * t // n  # 0, 1, 2: first, middle, last third of the blocks
+        w = weight
+        if custom is not None:
+            w = weight * custom.get(t, 0.0)
+        elif weight_type == "ease in":
+            w = weight * (0.05 + 0.95 * (1 - t / n))
+        elif weight_type == "ease out":
+            w = weight * (0.05 + 0.95 * (t / n))
+        elif weight_type == "ease in-out":
+            w = weight * (0.05 + 0.95 * (1 - abs(t - half) / half))
+        elif weight_type == "reverse in-out":
+            w = weight * (0.05 + 0.95 * (abs(t - half) / half))
+        elif (weight_type, third) in (("weak input", 0), ("weak middle", 1), ("weak output", 2),
+                                      ("strong middle", 0), ("strong middle", 2)):
+            w = weight * 0.2
+        out.append(SiteWeight(float(w)))
+    return out
