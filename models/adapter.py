@@ -71,6 +71,9 @@ class IPAdapterWeights(nn.Module):
         float dtypes are brought to float32 so the projection runs in one dtype."""
         groups = _as_groups(state)
         spec = detect_family(groups)
+        if spec.architecture != "unet":
+            raise AdapterFormatError(f"this is a {spec.family_name}; load it with DiTAdapterWeights.from_state "
+                                     "(load_adapter_file picks the right class)")
         flat = {f"{g}.{k}": t for g, sub in groups.items() for k, t in sub.items()}
 
         # Built on the meta device: the real storage comes from the checkpoint via assign.

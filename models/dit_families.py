@@ -25,6 +25,7 @@ from .families import HEAD_DIM, AdapterSpec
 from .loading import AdapterFormatError, _example_list, flatten_state
 
 __all__ = [
+    "DIT_FAMILY_NAMES",
     "DIT_INJECTIONS",
     "canonical_dit_state",
     "describe_dit",
@@ -37,7 +38,7 @@ __all__ = [
 
 DIT_INJECTIONS = ("xlabs", "instantx-flux", "instantx-sd3")
 
-_FAMILY_NAMES = {
+DIT_FAMILY_NAMES = {
     "xlabs": "XLabs Flux IP-Adapter",
     "instantx-flux": "InstantX Flux IP-Adapter",
     "instantx-sd3": "InstantX SD3.5 IP-Adapter",
@@ -240,7 +241,7 @@ def _need(flat: Mapping[str, torch.Tensor], key: str, ndim: int, family: str) ->
     if t is None:
         near = sorted(k for k in flat if k.split(".")[0] == key.split(".")[0])
         raise AdapterFormatError(
-            f"{key} is missing; a {_FAMILY_NAMES[family]} needs it (found keys like {_example_list(near[:4], 4)}). "
+            f"{key} is missing; a {DIT_FAMILY_NAMES[family]} needs it (found keys like {_example_list(near[:4], 4)}). "
             "The file is incomplete or of another family.")
     if t.dim() != ndim:
         raise AdapterFormatError(f"{key} has shape {tuple(t.shape)}; expected a {ndim}-d tensor. The file is damaged.")
@@ -256,13 +257,13 @@ def _layer_indices(flat: Mapping[str, torch.Tensor], family: str) -> list[int]:
             found.setdefault(int(m.group(1)), set()).add(m.group(2))
     if not found:
         raise AdapterFormatError(f"the file holds no per-block K/V weights ('ip_adapter.N.to_k_ip.weight'); a "
-                                 f"{_FAMILY_NAMES[family]} needs one pair per block. The file is incomplete.")
+                                 f"{DIT_FAMILY_NAMES[family]} needs one pair per block. The file is incomplete.")
     idx = sorted(found)
     missing = sorted(set(range(idx[-1] + 1)) - set(idx))
     if missing:
         raise AdapterFormatError(
             f"per-block weights have gaps: {len(idx)} blocks numbered up to {idx[-1]}, but "
-            f"{_example_list(missing, 6)} are missing; a {_FAMILY_NAMES[family]} has one entry per block, numbered "
+            f"{_example_list(missing, 6)} are missing; a {DIT_FAMILY_NAMES[family]} has one entry per block, numbered "
             "0, 1, 2, .... The file is damaged or was edited.")
     for i in idx:
         for kv in ("k", "v"):
@@ -317,14 +318,14 @@ def with_dit_blocks(spec: AdapterSpec, double_blocks: int, single_blocks: int = 
         if double_blocks + single_blocks != n:
             d, s = flux_instantx_split(n)
             raise AdapterFormatError(
-                f"this {_FAMILY_NAMES[spec.injection]} has {n} blocks of weights ({d} double + {s} single as "
+                f"this {DIT_FAMILY_NAMES[spec.injection]} has {n} blocks of weights ({d} double + {s} single as "
                 f"published), but the model has {double_blocks} double + {single_blocks} single blocks")
         return replace(spec, layer_blocks=_blocks(double_blocks, single_blocks))
     if single_blocks:
-        raise ValueError(f"a {_FAMILY_NAMES.get(spec.injection, spec.injection)} uses double/joint blocks only")
+        raise ValueError(f"a {DIT_FAMILY_NAMES.get(spec.injection, spec.injection)} uses double/joint blocks only")
     if double_blocks < n:
         raise AdapterFormatError(
-            f"this {_FAMILY_NAMES.get(spec.injection, spec.injection)} has weights for {n} blocks, but the model "
+            f"this {DIT_FAMILY_NAMES.get(spec.injection, spec.injection)} has weights for {n} blocks, but the model "
             f"has only {double_blocks}; it was made for a larger model")
     return replace(spec, layer_blocks=_blocks(n))
 
@@ -344,7 +345,7 @@ def _check_canonical(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> Non
                         + (f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""))
     if problems:
         raise AdapterFormatError(
-            f"the file looks like a {_FAMILY_NAMES[spec.injection]} but does not match that layout: "
+            f"the file looks like a {DIT_FAMILY_NAMES[spec.injection]} but does not match that layout: "
             + "; ".join(problems) + ". The file is damaged or a variant this pack does not know.")
     not_float = [k for k, t in flat.items() if not t.is_floating_point()]
     if not_float:
@@ -443,7 +444,7 @@ def describe_dit(spec: AdapterSpec) -> str:
     singles = len(spec.layer_blocks) - doubles
     where = (f"{doubles} joint blocks" if spec.architecture == "sd3"
              else f"{doubles} double" + (f" + {singles} single" if singles else "") + " blocks")
-    text = (f"{_FAMILY_NAMES[spec.injection]} for {_ARCH_NAMES.get(spec.architecture, spec.architecture)}: "
+    text = (f"{DIT_FAMILY_NAMES[spec.injection]} for {_ARCH_NAMES.get(spec.architecture, spec.architecture)}: "
             f"{spec.tokens} image tokens from {spec.encoder_name} {what} (width {spec.encoder_width})")
     if spec.time_conditioned:
         text += (f", timestep-conditioned resampler width {spec.resampler_dim} x {spec.resampler_depth} layers, "

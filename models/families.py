@@ -69,6 +69,10 @@ class AdapterSpec:
 
     @property
     def family_name(self) -> str:
+        if self.architecture != "unet":
+            from .dit_families import DIT_FAMILY_NAMES  # that module builds on this one
+
+            return DIT_FAMILY_NAMES.get(self.injection, "DiT IP-Adapter")
         if self.layout == "plus":
             return "IP-Adapter Plus-type (Plus, Plus-Face or Composition)"
         if self.layout == "full-face":
@@ -96,7 +100,12 @@ class AdapterSpec:
 
 
 def expected_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
-    """Flat key -> shape of every tensor a checkpoint of this spec holds, no more, no less."""
+    """Flat key -> shape of every tensor a checkpoint of this spec holds, no more, no less.
+    DiT specs: the canonical keys of models/dit_families.py."""
+    if spec.architecture != "unet":
+        from .dit_families import expected_dit_shapes  # that module builds on this one
+
+        return expected_dit_shapes(spec)
     c, e = spec.context_dim, spec.encoder_width
     out: dict[str, tuple[int, ...]] = {}
     p = "image_proj."

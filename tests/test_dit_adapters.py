@@ -430,3 +430,14 @@ def test_misuse_messages():
     with pytest.raises(ValueError, match="per-head norms of width 24"):
         sd3.layer_kv(0, out, heads=4)
     assert isinstance(out, Projected) and out.time_emb.shape == (1, 64)
+
+
+def test_unet_entry_points_on_dit_files():
+    state = _state("xlabs", "xlabs")
+    spec = detect_family(state)
+    assert spec.family_name == "XLabs Flux IP-Adapter"
+    from models import expected_shapes
+
+    assert set(expected_shapes(spec)) == set(canonical_dit_state(state)[1])
+    with pytest.raises(AdapterFormatError, match="XLabs Flux IP-Adapter; load it with DiTAdapterWeights"):
+        IPAdapterWeights.from_state(state)
