@@ -441,3 +441,12 @@ def test_unet_entry_points_on_dit_files():
     assert set(expected_shapes(spec)) == set(canonical_dit_state(state)[1])
     with pytest.raises(AdapterFormatError, match="XLabs Flux IP-Adapter; load it with DiTAdapterWeights"):
         IPAdapterWeights.from_state(state)
+
+
+@pytest.mark.parametrize("shapes", [lambda: _xlabs_published(16), _instantx_flux_published, _instantx_sd3_published],
+                         ids=["xlabs", "instantx-flux", "instantx-sd3"])
+def test_published_shapes_build(shapes):
+    """The full-size modules build from the published shapes (meta tensors: no memory) with the file's keys."""
+    w = DiTAdapterWeights.from_state(_meta(shapes()))
+    assert len(w.state_dict()) == len(shapes()) and w.spec.num_layers in (19, 38, 57)
+    assert all(p.is_meta for p in w.parameters())
