@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from ..models.encoding import combine_embeds as combine
-from .dit_apply import check_architecture, check_dit_fits, dit_prompt, install_dit_prompt
+from .dit_apply import (bind_to_model, check_architecture, check_dit_fits, dit_prompt, install_dit_prompt,
+                        sd3_block_norms)
 from .dit_patch import apply_model_wrapper, dit_prompts
 from .encode import COMBINE_METHODS, encode_images, image_tokens
 from .patch import begin_run, install
@@ -153,14 +154,17 @@ def apply_adapter(
     unet = model.get_model_object("diffusion_model")
     dit = check_architecture(spec, unet)
     if dit is not None:
+        spec = bind_to_model(spec, dit)
         check_dit_fits(spec, dit)
+        if spec.injection == "instantx-sd3":
+            sd3_block_norms(unet)  # refuses q/k norms it cannot convert, before any work
         mask = _check_mask(attn_mask)
         pos, neg = encode_images(clip_vision, spec, image, image_negative)
         if combine_embeds != "concat" and pos.shape[0] > 1:
             pos, neg = combine(pos, combine_embeds), neg[:1]
         mm.load_models_gpu([adapter.patcher])
         sampling = model.get_model_object("model_sampling")
-        prompt = dit_prompt(model, dit, adapter, pos, neg, weight, weight_type, layer_weights,
+        prompt = dit_prompt(spec, dit, adapter, pos, neg, weight, weight_type, layer_weights,
                             sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at),
                             (start_at, end_at), mask, embeds_scaling)
         patched = model.clone()

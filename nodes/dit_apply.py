@@ -48,6 +48,21 @@ def check_architecture(spec, diffusion_model) -> Optional[DitModel]:
     return model
 
 
+def bind_to_model(spec, model: DitModel):
+    """The spec with its layers on this model's blocks. InstantX Flux files store one list of
+    layers (doubles first) without saying where the doubles end: a file with one layer per
+    block of the model is bound to the model's own double/single counts."""
+    if spec.injection != "instantx-flux":
+        return spec
+    from ..models.dit_families import with_dit_blocks
+
+    double = sum(s.block == "double" for s in model.blocks)
+    single = sum(s.block == "single" for s in model.blocks)
+    if spec.num_layers != double + single:
+        return spec  # check_dit_fits names the mismatch
+    return with_dit_blocks(spec, double, single)
+
+
 def check_dit_fits(spec, model: DitModel) -> None:
     """Every block the adapter names exists, with the width its K/V make."""
     keys = {s.key for s in model.blocks}
@@ -136,9 +151,9 @@ def dit_tokens(weights, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def dit_prompt(model_patcher, model: DitModel, adapter, pos, neg, weight, weight_type, layer_weights,
+def dit_prompt(spec, model: DitModel, adapter, pos, neg, weight, weight_type, layer_weights,
                sigma_start, sigma_end, window, mask, embeds_scaling: str) -> ImagePrompt:
-    spec = adapter.spec
+    """spec: the adapter's spec bound to the model (bind_to_model)."""
     if embeds_scaling != "V only":
         raise ValueError(f"embeds_scaling {embeds_scaling!r} scales the K/V of UNet adapters; DiT adapters take "
                          "'V only' (their weight scales the term, as their reference code does)")
@@ -175,4 +190,4 @@ def install_dit_prompt(patched, model: DitModel, spec, prompt: ImagePrompt, diff
     patched.model_options["transformer_options"] = install_dit(patched.model_options, model, spec, prompt, norms)
 
 
-__all__ = ["check_architecture", "check_dit_fits", "dit_prompt", "install_dit_prompt", "unsupported_dit_message"]
+__all__ = ["bind_to_model", "check_architecture", "check_dit_fits", "dit_prompt", "install_dit_prompt", "unsupported_dit_message"]

@@ -377,3 +377,39 @@ def test_a_unet_adapter_on_a_dit_is_refused(host, tmp_path):
         weights, load_device=torch.device("cpu"), offload_device=torch.device("cpu")))
     with pytest.raises(ValueError, match="made for SD1.5/SDXL UNets, but the model is a Flux model"):
         apply_adapter(dit_models.build_dit("flux"), adapter, tiny_encoder(tmp_path, "clip"), image())
+
+
+@pytest.mark.parametrize("family", ["xlabs", "instantx-flux"])
+def test_reference_latent_rows_are_left_untouched(host, tmp_path, family):
+    """Kontext-style reference latents append rows to the image stream; the term covers the image
+    rows of the sampled latent only (and, in single blocks, the text rows)."""
+    import torch
+
+    from ipadapter_fused.nodes.apply import apply_adapter
+
+    kind = "flux"
+    base, adapter, state, cv = _setup(tmp_path, family, kind)
+    img = image(6)
+    g = torch.Generator().manual_seed(7)
+    reference = torch.randn(1, 16, 6, 4, generator=g)
+    latent = dit_models.dit_latent(kind, 8)
+
+    def run(model):
+        host_mod = util.prepare_host()
+        pos_c = dit_models.make_dit_cond(kind, model, seed=1)
+        pos_c[0][1]["reference_latents"] = [reference]
+        neg_c = dit_models.make_dit_cond(kind, model, seed=2)
+        noise = host_mod.sample.prepare_noise(latent, 0)
+        with torch.inference_mode():
+            return host_mod.sample.sample(model, noise, 3, 1.0, "euler", "simple", pos_c, neg_c, latent,
+                                          disable_pbar=True, seed=0)
+
+    n_img, n_ref = 4 * 4, 3 * 2
+    rows = torch.cat([torch.ones(n_img), torch.zeros(n_ref)])
+    pos, neg = encoder_outputs(cv, family, img)
+    got = run(apply_adapter(base, adapter, cv, img, weight=1.0))
+    want = run(reference_model(base, kind, family, state, adapter.weights, pos, neg, 1.0, mask_rows=rows))
+    assert rel(got, want) <= BOUND
+    everywhere = run(reference_model(base, kind, family, state, adapter.weights, pos, neg, 1.0,
+                                     mask_rows=torch.ones(n_img + n_ref)))
+    assert rel(everywhere, want) > 100 * BOUND, "the reference rows should have changed the result"
