@@ -20,9 +20,11 @@ def _common_widgets():
         "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
                              "tooltip": "Strength of the image prompt. Negative values push away from the image."}),
         "weight_type": (list(WEIGHT_TYPES), {"default": "linear",
-                        "tooltip": "How the weight is spread over the UNet's layers. 'style transfer' and "
-                                   "'composition' use only the layers that carry style or layout; 'custom' "
-                                   "takes the factors from layer_weights."}),
+                        "tooltip": "How the weight is spread over the model's layers. 'style transfer' and "
+                                   "'composition' use only the UNet layers that carry style or layout (SD1.5/SDXL "
+                                   "only); 'custom' takes the factors from layer_weights. On Flux, Chroma and SD3.5 "
+                                   "the ramps run over the blocks in forward order and 'weak input/middle/output' "
+                                   "act on the first/middle/last third of the blocks."}),
         "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                "tooltip": "Fraction of the sampling schedule at which the image prompt starts acting."}),
         "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
@@ -60,8 +62,9 @@ class IPAdapterFusedLoader:
 
 
 class IPAdapterFusedApply:
-    DESCRIPTION = ("Adds an image prompt to the model's cross-attention (decoupled cross-attention). "
-                   "Several of these nodes can be chained on one model.")
+    DESCRIPTION = ("Adds an image prompt to the model: decoupled cross-attention on SD1.5/SDXL UNets, the "
+                   "adapter's extra attention in the blocks of Flux, Chroma and SD3.5. Several of these nodes can "
+                   "be chained on one model.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -71,10 +74,14 @@ class IPAdapterFusedApply:
         widgets = _common_widgets()
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to add the image prompt to."}),
+                "model": ("MODEL", {"tooltip": "The model to add the image prompt to: SD1.5, SDXL, Flux, Chroma or "
+                                               "SD3.5, whichever the adapter was made for."}),
                 "ipadapter": (ADAPTER_TYPE, {"tooltip": "The adapter from 'IPAdapter Loader (Fused)'."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision encoder the adapter was trained with "
-                                                           "(most use ViT-H/14; vit-G adapters use ViT-bigG/14)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "The vision encoder the adapter was trained with: most UNet "
+                                                           "adapters use CLIP ViT-H/14, vit-G ones ViT-bigG/14, XLabs Flux "
+                                                           "CLIP ViT-L/14; InstantX Flux and SD3.5 use SigLIP "
+                                                           "so400m-patch14-384 (load it with 'IPAdapter CLIP Vision Loader "
+                                                           "(Fused)', which keeps SigLIP's pooling head)."}),
                 "image": ("IMAGE", {"tooltip": "Reference image(s). Several images are merged as combine_embeds says."}),
                 **widgets,
                 "combine_embeds": (list(COMBINE_METHODS), {"default": "concat",
@@ -82,20 +89,24 @@ class IPAdapterFusedApply:
                                               "the others merge the embeddings into one."}),
                 "embeds_scaling": (list(EMBEDS_SCALING), {"default": "V only",
                                    "tooltip": "Where the weight is applied: to the attention output (V only) or to the "
-                                              "image keys and values (K+V variants, stronger at high weights)."}),
+                                              "image keys and values (K+V variants, stronger at high weights). UNet "
+                                              "adapters only; DiT adapters take V only."}),
                 "middle_block": (list(MIDDLE_BLOCK), {"default": "patch",
                                  "tooltip": "'patch' applies the image prompt to every cross-attention layer, as the "
                                             "original IP-Adapter does. 'skip' leaves the middle block out, which "
-                                            "reproduces ComfyUI_IPAdapter_plus pictures exactly."}),
+                                            "reproduces ComfyUI_IPAdapter_plus pictures exactly. UNets only."}),
             },
             "optional": {
-                "image_negative": ("IMAGE", {"tooltip": "Optional negative reference; by default a black image "
-                                                        "(hidden-state adapters) or zero embeddings."}),
+                "image_negative": ("IMAGE", {"tooltip": "Optional negative reference (used by the uncond rows when CFG "
+                                                        "is on). By default each family's own convention: a black image "
+                                                        "(UNet hidden-state adapters, XLabs Flux), zero embeddings (UNet "
+                                                        "base adapters, SD3.5), the reference itself (InstantX Flux)."}),
                 "attn_mask": ("MASK", {"tooltip": "Optional region of the picture the image prompt acts on."}),
                 "layer_weights": ("STRING", {"default": "", "multiline": False,
                                   "tooltip": "For weight_type 'custom': 'index:factor' pairs by transformer index "
-                                             "(SD1.5 0-15, SDXL 0-10), e.g. '3:1.0, 6:1.0'. Overrides the weight type "
-                                             "when filled in."}),
+                                             "(SD1.5 0-15, SDXL 0-10), e.g. '3:1.0, 6:1.0'; on DiTs by block, 'd' for "
+                                             "double (SD3: joint) and 's' for single blocks, e.g. 'd0:1.0, s10:0.5'. "
+                                             "Overrides the weight type when filled in."}),
                 "weight_composition": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
                                        "tooltip": "Weight of the composition layers for 'style and composition'."}),
             },
@@ -119,7 +130,7 @@ class IPAdapterFusedSimple:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model to add the image prompt to."}),
+            "model": ("MODEL", {"tooltip": "The model to add the image prompt to (SD1.5, SDXL, Flux, Chroma or SD3.5)."}),
             "image": ("IMAGE", {"tooltip": "Reference image(s); several are concatenated."}),
             "ipadapter_file": (_files(FOLDER), {"tooltip": "An IP-Adapter file from models/ipadapter."}),
             "clip_vision_file": (_files("clip_vision"), {"tooltip": "The CLIP vision model the adapter needs, from models/clip_vision."}),
