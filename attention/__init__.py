@@ -15,6 +15,14 @@ from .dispatch import (
     triton_available,
 )
 from .masks import mask_to_patch_tokens, mask_to_tokens, patch_grid
+from .merge import (
+    attention_routed_merge,
+    entity_attention_map,
+    entity_token_slice,
+    mask_routed_merge,
+    mip_merge,
+    object_weights,
+)
 
 __all__ = [
     "ImageContext",
@@ -32,4 +40,10 @@ __all__ = [
     "mask_to_patch_tokens",
     "mask_to_tokens",
     "patch_grid",
+    "attention_routed_merge",
+    "entity_attention_map",
+    "entity_token_slice",
+    "mask_routed_merge",
+    "mip_merge",
+    "object_weights",
 ]

@@ -2,7 +2,7 @@
 
 Never imports the host (ComfyUI): everything here runs and is tested with plain torch."""
 from .adapter import IPAdapterWeights, load_adapter_file
-from .encoding import COMBINE_METHODS, check_embeds, combine_embeds
+from .encoding import COMBINE_METHODS, check_embeds, combine_embeds, combine_embeds_weighted
 from .families import AdapterSpec, detect_family, expected_shapes
 from .loading import AdapterFormatError, load_adapter_state
 from .projections import LinearTokens, Resampler, TokenMLP, build_projection
@@ -11,6 +11,7 @@ from .dit_adapter import DiTAdapterWeights, Projected
 from .dit_families import detect_dit_family, dit_family_of, expected_dit_shapes, with_dit_blocks
 from .dit_projections import MLPTokens, TimeResampler, XLabsTokens
 from .synthetic import DIT_LAYOUTS, dit_adapter_spec, save_synthetic_dit_adapter, synthetic_dit_adapter_state
+from .synthetic import save_synthetic_mip_adapter, synthetic_mip_state
 
 __all__ = [
     "AdapterFormatError",
@@ -36,12 +37,15 @@ __all__ = [
     "build_projection",
     "check_embeds",
     "combine_embeds",
+    "combine_embeds_weighted",
     "detect_family",
     "expected_shapes",
     "load_adapter_file",
     "load_adapter_state",
     "save_synthetic_adapter",
+    "save_synthetic_mip_adapter",
     "sd15_layer_dims",
     "sdxl_layer_dims",
     "synthetic_adapter_state",
+    "synthetic_mip_state",
 ]

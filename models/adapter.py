@@ -21,12 +21,15 @@ __all__ = ["IPAdapterWeights", "load_adapter_file"]
 
 
 class _LayerKV(nn.Module):
-    """The K/V projections of one cross-attention layer (names as in the checkpoint)."""
+    """The K/V projections of one cross-attention layer (names as in the checkpoint), and for
+    MIP-Adapter its gate `text_to_weight` (Linear(width, 1, bias=False))."""
 
-    def __init__(self, context_dim: int, width: int):
+    def __init__(self, context_dim: int, width: int, gate: bool = False):
         super().__init__()
         self.to_k_ip = nn.Linear(context_dim, width, bias=False)
         self.to_v_ip = nn.Linear(context_dim, width, bias=False)
+        if gate:
+            self.text_to_weight = nn.Linear(width, 1, bias=False)
 
 
 def _check_finite(flat: Mapping[str, torch.Tensor]) -> None:
@@ -58,7 +61,7 @@ class IPAdapterWeights(nn.Module):
         self.spec = spec
         self.image_proj = build_projection(spec)
         self.ip_adapter = nn.ModuleDict(
-            {str(2 * i + 1): _LayerKV(spec.context_dim, w) for i, w in enumerate(spec.layer_dims)}
+            {str(2 * i + 1): _LayerKV(spec.context_dim, w, spec.mip_gate) for i, w in enumerate(spec.layer_dims)}
         )
 
     # -- construction -------------------------------------------------------------------
@@ -145,6 +148,28 @@ class IPAdapterWeights(nn.Module):
         # the layer's own weight decides: a partially loaded model may hold layers on two devices
         tokens = self._check_tokens(tokens, layer.to_k_ip.weight)
         return F.linear(tokens, layer.to_k_ip.weight), F.linear(tokens, layer.to_v_ip.weight)
+
+    @property
+    def has_gate(self) -> bool:
+        """True for MIP-Adapter checkpoints (per-layer text_to_weight gates)."""
+        return self.spec.mip_gate
+
+    def gate_logits(self, i: int, text_out: torch.Tensor) -> torch.Tensor:
+        """MIP-Adapter gate logits of layer i: text_to_weight(text_out), shape (B, Lq, 1).
+
+        text_out is the layer's text attention output before its output projection, i.e.
+        softmax(q K_text^T / sqrt(d)) V_text with the heads joined: (B, Lq, layer_dims[i]).
+        The merge (attention/merge.py) takes sigmoid and the mean over positions; this returns
+        the raw logits in the gate's dtype, on the gate's device."""
+        if not self.spec.mip_gate:
+            raise ValueError(f"this {self.spec.family_name} has no text_to_weight gates; only MIP-Adapter "
+                             "checkpoints do (use the ungated attention-routed merge instead)")
+        layer = self._layer(i)
+        w = layer.text_to_weight.weight
+        if text_out.dim() != 3 or text_out.shape[-1] != w.shape[1]:
+            raise ValueError(f"layer {i}'s gate reads (B, Lq, {w.shape[1]}) text attention outputs, "
+                             f"got shape {tuple(text_out.shape)}")
+        return F.linear(text_out.to(device=w.device, dtype=w.dtype), w)
 
     def all_layer_kv(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V for every layer, in layer order.

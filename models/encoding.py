@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["COMBINE_METHODS", "combine_embeds", "check_embeds"]
+__all__ = ["COMBINE_METHODS", "combine_embeds", "combine_embeds_weighted", "check_embeds"]
 
 COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average", "max", "min")
 
@@ -62,4 +62,53 @@ def combine_embeds(embeds: torch.Tensor, method: str) -> torch.Tensor:
         out = x.amax(dim=0)
     else:  # "min"
         out = x.amin(dim=0)
+    return out.unsqueeze(0).to(embeds.dtype)
+
+
+def combine_embeds_weighted(embeds: torch.Tensor, weights, method: str) -> torch.Tensor:
+    """combine_embeds with one weight per image; all weights 1 give combine_embeds (up to rounding).
+
+    With x_i the N encodings and w_i their weights:
+      concat        w_i * x_i, each image kept (as the established pack's encoder weight does)
+      add           sum_i w_i x_i
+      subtract      w_0 x_0 - sum_{i>0} w_i x_i / sum_{i>0} w_i
+      average       sum_i w_i x_i / sum_i w_i
+      norm average  sum_i w_i (x_i / ||x||) / sum_i w_i, the norm over the images per feature as unweighted
+      max / min     elementwise max / min of w_i x_i
+    Weights are finite; the weighted means (average, norm average, the subtracted mean) need
+    weights >= 0 with a positive sum. Runs in float32, returns the input dtype."""
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"unknown combine method {method!r}; choose one of: {', '.join(COMBINE_METHODS)}")
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() == 0 or embeds.shape[0] == 0:
+        raise ValueError("embeds must be a tensor with a non-empty leading image-batch dimension")
+    n = embeds.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != n:
+        raise ValueError(f"{w.numel()} weights for {n} images; give one weight per image")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"image weights must be finite numbers, got {w.tolist()}")
+    if method == "subtract" and n < 2:
+        raise ValueError("'subtract' needs at least two images: the first minus the mean of the others")
+    means = {"average": w, "norm average": w, "subtract": w[1:]}.get(method)
+    if means is not None and (bool((means < 0).any()) or float(means.sum()) <= 0):
+        raise ValueError(f"'{method}' takes a weighted mean: its weights must be >= 0 with a positive sum, "
+                         f"got {means.tolist()}")
+
+    x = embeds if embeds.dtype == torch.float64 else embeds.float()
+    wx = w.to(device=x.device, dtype=x.dtype).reshape(n, *([1] * (x.dim() - 1)))
+    if method == "concat":
+        return (wx * x).to(embeds.dtype)
+    if method == "add":
+        out = (wx * x).sum(dim=0)
+    elif method == "subtract":
+        out = wx[0] * x[0] - (wx[1:] * x[1:]).sum(dim=0) / wx[1:].sum()
+    elif method == "average":
+        out = (wx * x).sum(dim=0) / wx.sum()
+    elif method == "norm average":
+        norm = torch.linalg.vector_norm(x, dim=0, keepdim=True)
+        out = (wx * (x / norm.clamp_min(torch.finfo(x.dtype).tiny))).sum(dim=0) / wx.sum()
+    elif method == "max":
+        out = (wx * x).amax(dim=0)
+    else:  # "min"
+        out = (wx * x).amin(dim=0)
     return out.unsqueeze(0).to(embeds.dtype)

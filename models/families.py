@@ -37,6 +37,11 @@ _ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 _FULL_FACE_TOKENS = 257
 
 _LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
+# MIP-Adapter adds one Linear(layer width, 1, bias=False) per cross-attention layer (its
+# IPAttnProcessor.text_to_weight); see /work/notes/mip_facts.md for the reference code.
+_GATE_KEY = re.compile(r"^(\d+)\.text_to_weight\.weight$")
+# The published MIP-Adapter checkpoints (model_sdxl.bin, model_sdxl_plus.bin) are SDXL only.
+_MIP_LAYERS = 70
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class AdapterSpec:
     proj_hidden_dim: Optional[int] = None  # InstantX Flux: width of the MLP's hidden layer (2 x encoder width)
     ip_head_dim: Optional[int] = None      # InstantX SD3.5: width of the per-head norm_q / norm_k / norm_ip_k
     time_embed_in: Optional[int] = None    # InstantX SD3.5: width of the sinusoidal timestep features (320)
+    # MIP-Adapter: every layer also holds `text_to_weight` (Linear(width, 1, bias=False)), a gate read
+    # off the layer's text attention output that weights the per-object image terms per position.
+    mip_gate: bool = False
 
     @property
     def family_name(self) -> str:
@@ -73,6 +81,8 @@ class AdapterSpec:
             from .dit_families import DIT_FAMILY_NAMES  # that module builds on this one
 
             return DIT_FAMILY_NAMES.get(self.injection, "DiT IP-Adapter")
+        if self.mip_gate:
+            return "MIP-Adapter Plus (multi-reference)" if self.layout == "plus" else "MIP-Adapter (multi-reference)"
         if self.layout == "plus":
             return "IP-Adapter Plus-type (Plus, Plus-Face or Composition)"
         if self.layout == "full-face":
@@ -96,6 +106,8 @@ class AdapterSpec:
                 f"{self.resampler_heads} heads"
             )
         text += f"; {self.num_layers} cross-attention layers, context width {self.context_dim}"
+        if self.mip_gate:
+            text += "; per-layer text_to_weight gates (each reference image named by an entity word of the prompt)"
         return text
 
 
@@ -149,6 +161,8 @@ def expected_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
         n = 2 * i + 1
         out[f"ip_adapter.{n}.to_k_ip.weight"] = (w, c)
         out[f"ip_adapter.{n}.to_v_ip.weight"] = (w, c)
+        if spec.mip_gate:
+            out[f"ip_adapter.{n}.text_to_weight.weight"] = (1, w)
     return out
 
 
@@ -218,30 +232,66 @@ def _tensor(group: Mapping[str, torch.Tensor], gname: str, key: str, ndim: int, 
     return t
 
 
+def _parse_gates(layers: Mapping[str, torch.Tensor], widths: dict[int, int]) -> bool:
+    """True when the layers carry MIP-Adapter gates, after checking that every layer has one
+    of shape (1, layer width) and no gate sits on a layer without K/V weights."""
+    gates: dict[int, torch.Tensor] = {}
+    for key, t in layers.items():
+        m = _GATE_KEY.match(key)
+        if m is not None:
+            gates[int(m.group(1))] = t
+    if not gates:
+        return False
+    stray = sorted(set(gates) - set(widths))
+    if stray:
+        raise AdapterFormatError(
+            f"this looks like a MIP-Adapter, but ip_adapter layers {_example_list(stray, 4)} hold a text_to_weight "
+            "gate and no to_k_ip/to_v_ip weights; the file is damaged"
+        )
+    lacking = sorted(set(widths) - set(gates))
+    if lacking:
+        raise AdapterFormatError(
+            f"this looks like a MIP-Adapter ({len(gates)} layers hold a text_to_weight gate), but layers "
+            f"{_example_list(lacking, 6)} have none; every cross-attention layer of a MIP-Adapter needs "
+            "'ip_adapter.N.text_to_weight.weight'. The file is damaged or was edited."
+        )
+    for n in sorted(gates):
+        t = gates[n]
+        if tuple(t.shape) != (1, widths[n]):
+            raise AdapterFormatError(
+                f"ip_adapter.{n}.text_to_weight.weight has shape {tuple(t.shape)}; a MIP-Adapter gate of a layer "
+                f"of width {widths[n]} is a (1, {widths[n]}) matrix (Linear(width, 1) without bias). "
+                "The file is damaged or a variant this pack does not know."
+            )
+    return True
+
+
 def _parse_layers(layers: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
     """(context width, per-layer widths) from the ip_adapter group, after checking that the
-    layers form the unbroken odd sequence 1, 3, 5, ... with matching K/V pairs."""
+    layers form the unbroken odd sequence 1, 3, 5, ... with matching K/V pairs.
+    MIP-Adapter gates (`N.text_to_weight.weight`) are left to _parse_gates."""
     found: dict[int, dict[str, torch.Tensor]] = {}
     other = []
     for key, t in layers.items():
         m = _LAYER_KEY.match(key)
         if m is None:
-            other.append(key)
+            if not _GATE_KEY.match(key):
+                other.append(key)
             continue
         found.setdefault(int(m.group(1)), {})[m.group(2)] = t
     if other:
-        if any("text_to_weight" in k for k in other):
-            raise AdapterFormatError(
-                "this looks like a MIP-Adapter (found ip_adapter keys like "
-                f"{_example_list(['ip_adapter.' + k for k in other if 'text_to_weight' in k], 2)}), "
-                "which is not supported yet"
-            )
         raise AdapterFormatError(
             f"unexpected ip_adapter keys {_example_list(['ip_adapter.' + k for k in sorted(other)], 4)}; "
-            "expected only 'ip_adapter.N.to_k_ip.weight' / 'ip_adapter.N.to_v_ip.weight' (UNet IP-Adapter). "
+            "expected only 'ip_adapter.N.to_k_ip.weight' / 'ip_adapter.N.to_v_ip.weight' (UNet IP-Adapter; "
+            "MIP-Adapter adds 'ip_adapter.N.text_to_weight.weight'). "
             "Adapters for Flux, SD3.5 and other families are not supported yet."
         )
     if not found:
+        if any(_GATE_KEY.match(k) for k in layers):
+            raise AdapterFormatError(
+                "the ip_adapter group holds MIP-Adapter text_to_weight gates but no to_k_ip/to_v_ip weights; "
+                "the file is incomplete"
+            )
         raise AdapterFormatError("the ip_adapter group is empty; the file holds no cross-attention weights")
 
     idx = sorted(found)
@@ -291,6 +341,24 @@ def _parse_layers(layers: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, .
             )
         widths.append(int(k.shape[0]))
     return int(context), tuple(widths)
+
+
+def _check_mip_shape(num_layers: int, context: int) -> None:
+    """MIP-Adapter exists for SDXL only (70 cross-attention layers); refuse other structures
+    here, where the message can say so, rather than as a key mismatch at apply time."""
+    if num_layers == _MIP_LAYERS:
+        return
+    if num_layers == 16:  # SD1.5's attn2 count; its context width is 768
+        raise AdapterFormatError(
+            f"this is a MIP-Adapter checkpoint shaped for SD1.5 ({num_layers} cross-attention layers, context "
+            f"width {context}); MIP-Adapter is supported for SDXL only (70 layers, context width 2048, as in the "
+            "published model_sdxl.bin / model_sdxl_plus.bin). Use an SDXL MIP-Adapter with an SDXL model."
+        )
+    raise AdapterFormatError(
+        f"this is a MIP-Adapter checkpoint with {num_layers} cross-attention layers (context width {context}); "
+        f"MIP-Adapter is supported for SDXL only, whose UNet has {_MIP_LAYERS} cross-attention layers. "
+        "The file is damaged or a variant this pack does not know."
+    )
 
 
 def _encoder_name(width: int, encoder_input: str) -> str:
@@ -387,6 +455,9 @@ def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
         )
 
     context, widths = _parse_layers(layers)
+    mip_gate = _parse_gates(layers, {2 * i + 1: w for i, w in enumerate(widths)})
+    if mip_gate:
+        _check_mip_shape(len(widths), int(context))
     layout = _detect_layout(ip)
     extra_fields: dict[str, Any] = {}
 
@@ -442,6 +513,7 @@ def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
         num_layers=len(widths),
         layer_dims=widths,
         arch_hint=_ARCH_HINTS.get((len(widths), int(context))),
+        mip_gate=mip_gate,
         **extra_fields,
     )
     _check_against({f"{g}.{k}": t for g, sub in groups.items() for k, t in sub.items()}, spec)

@@ -22,6 +22,8 @@ __all__ = [
     "dit_adapter_spec",
     "synthetic_dit_adapter_state",
     "save_synthetic_dit_adapter",
+    "synthetic_mip_state",
+    "save_synthetic_mip_adapter",
 ]
 
 _DEFAULT_TOKENS = {"base": 4, "plus": 16, "full-face": 257}
@@ -46,7 +48,8 @@ def sdxl_layer_dims(model_channels: int = 320) -> list[int]:
     return down + up + [4 * c] * 10
 
 
-def _spec_for(layout, layer_dims, context_dim, encoder_width, tokens, resampler_dim, resampler_heads, depth):
+def _spec_for(layout, layer_dims, context_dim, encoder_width, tokens, resampler_dim, resampler_heads, depth,
+              mip_gate=False):
     if layout not in _DEFAULT_TOKENS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {tuple(_DEFAULT_TOKENS)}")
     extra = {}
@@ -67,6 +70,7 @@ def _spec_for(layout, layer_dims, context_dim, encoder_width, tokens, resampler_
         encoder_name=f"CLIP vision of width {encoder_width}",
         num_layers=len(layer_dims),
         layer_dims=tuple(int(w) for w in layer_dims),
+        mip_gate=mip_gate,
         **extra,
     )
 
@@ -82,12 +86,14 @@ def synthetic_adapter_state(
     depth: int = 4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    mip_gate: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Flat ``image_proj.*`` / ``ip_adapter.*`` tensors of a random adapter, ready for
     safetensors.save_file. Defaults: 4 tokens (base), 16 (plus); resampler width = context
-    width, heads = width // 64 (at least 1), feed-forward 4x."""
+    width, heads = width // 64 (at least 1), feed-forward 4x. mip_gate adds MIP-Adapter's
+    ``ip_adapter.N.text_to_weight.weight`` (1, width) to every layer."""
     spec = _spec_for(layout, layer_dims, context_dim, encoder_width, tokens, resampler_dim,
-                     resampler_heads, depth)
+                     resampler_heads, depth, mip_gate)
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for key, shape in expected_shapes(spec).items():
@@ -120,6 +126,45 @@ def save_synthetic_adapter(path, layout: str, layer_dims, context_dim: int, enco
     (.bin/.pt/.pth) nested like the published files (flat with nested=False).
     Returns the flat state that was written."""
     state = synthetic_adapter_state(layout, layer_dims, context_dim, encoder_width, **kwargs)
+    path = os.fspath(path)
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save(nest_state(state) if nested else state, path)
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# MIP-Adapter (SDXL only): an IP-Adapter (base or plus) whose 70 layers each add a gate
+# text_to_weight = Linear(width, 1, bias=False). The published model_sdxl.bin / model_sdxl_plus.bin
+# are torch pickles nested {"image_proj": ..., "ip_adapter": ...} in float16 (train_sdxl*.py,
+# get_state_dict); their encoders: base = CLIP ViT-bigG image_embeds (1280) into 4 tokens,
+# plus = CLIP ViT-H penultimate states (1280) through a 4-layer, 20-head, 1280-wide resampler.
+
+
+def synthetic_mip_state(layout: str = "base", *, model_channels: int = 32, context_dim: int = 2048,
+                        encoder_width: int = 1280, resampler_dim: int = HEAD_DIM, resampler_heads: int = 1,
+                        depth: int = 1, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Flat tensors of a random MIP-Adapter in the published key layout: SDXL's 70 layers
+    (widths sdxl_layer_dims(model_channels)) with K/V and a text_to_weight gate each.
+
+    Defaults fit the tiny SDXL UNets of the tests (model channels 32, context 2048: about 68 MB in
+    float16); pass a small context_dim for unit tests that never meet a UNet. The plus resampler
+    is tiny (64 wide, 1 head, 1 layer); the published one is 1280 wide, 20 heads, 4 layers."""
+    if layout not in ("base", "plus"):
+        raise ValueError(f"MIP-Adapter is published as 'base' (model_sdxl.bin) or 'plus' (model_sdxl_plus.bin), "
+                         f"not {layout!r}")
+    extra = dict(resampler_dim=resampler_dim, resampler_heads=resampler_heads, depth=depth) if layout == "plus" else {}
+    return synthetic_adapter_state(layout, sdxl_layer_dims(model_channels), context_dim, encoder_width,
+                                   seed=seed, dtype=dtype, mip_gate=True, **extra)
+
+
+def save_synthetic_mip_adapter(path, layout: str = "base", *, nested: bool = True, **kwargs) -> dict[str, torch.Tensor]:
+    """Write a synthetic MIP-Adapter: a torch pickle nested like the published .bin files
+    (flat with nested=False), or .safetensors with flat keys. Returns the flat state written."""
+    state = synthetic_mip_state(layout, **kwargs)
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):
         from safetensors.torch import save_file
