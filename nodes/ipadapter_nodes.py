@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .apply import MIDDLE_BLOCK, apply_adapter
+from .clip_vision import IPAdapterFusedClipVisionLoader
 from .encode import COMBINE_METHODS
 from .loaders import FOLDER, load_adapter, load_clip_vision
 from .schedules import EMBEDS_SCALING, WEIGHT_TYPES
@@ -147,10 +148,12 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterFusedLoader": IPAdapterFusedLoader,
     "IPAdapterFusedApply": IPAdapterFusedApply,
     "IPAdapterFusedSimple": IPAdapterFusedSimple,
+    "IPAdapterFusedClipVisionLoader": IPAdapterFusedClipVisionLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterFusedLoader": "IPAdapter Loader (Fused)",
     "IPAdapterFusedApply": "Apply IPAdapter (Fused)",
     "IPAdapterFusedSimple": "IPAdapter (Fused, all-in-one)",
+    "IPAdapterFusedClipVisionLoader": "IPAdapter CLIP Vision Loader (Fused)",
 }

@@ -82,18 +82,8 @@ def load_adapter(name: str) -> LoadedAdapter:
 
 
 def load_clip_vision(name: str):
-    import comfy.clip_vision
-    import folder_paths
+    """`name` from the clip_vision folder, shared with 'IPAdapter CLIP Vision Loader (Fused)' (same cache,
+    SigLIP pooling head kept, sizes the host has no config for built from the file's shapes)."""
+    from .clip_vision import load_clip_vision as load
 
-    path = folder_paths.get_full_path("clip_vision", name)
-    if path is None:
-        raise FileNotFoundError(f"CLIP vision file {name!r} was not found in the 'clip_vision' model folder")
-    key = _file_key(path)
-    with _lock:
-        hit = _clip_visions.get(key)
-        if hit is None:
-            hit = comfy.clip_vision.load(path)
-            if hit is None:
-                raise ValueError(f"{name!r} is not a CLIP vision model the host can load")
-            _clip_visions[key] = hit
-        return hit
+    return load(name)

@@ -601,3 +601,69 @@ def write_tiny_dit(path: Path, kind: str, config=None, seed=0) -> Path:
                         DIT_CONFIG_METADATA: json.dumps({"kind": kind, **cfg})})
     os.replace(tmp, path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision encoders smaller than any the host ships a config for (the pack's CLIP vision loader builds the
+# host's ClipVisionModel from their shapes). Norm scales and biases are not neutral, so a loader that
+# drops one is caught by a comparison.
+# --------------------------------------------------------------------------------------------------
+TINY_SIGLIP = dict(width=64, layers=2, intermediate=128, patch=14, image_size=56)
+TINY_CLIP_VISION = dict(width=64, layers=2, intermediate=128, patch=14, image_size=56, projection=32)
+
+
+def _unneutral_(sd: dict, g) -> dict:
+    import torch
+    for k, v in sd.items():
+        if k.endswith(".bias"):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.02
+        elif "norm" in k and k.endswith(".weight"):
+            sd[k] = 1.0 + 0.1 * torch.randn(v.shape, generator=g)
+    return sd
+
+
+def siglip_vision_state(width=64, layers=2, intermediate=128, patch=14, image_size=56, head=True, seed=4) -> dict:
+    """HF-layout SigLIP vision tower (no class token, no pre-LayerNorm, patch bias), with the attention-pooling
+    head `vision_model.head.*` (probe, MultiheadAttention in_proj/out_proj, layernorm, mlp) when `head`."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    p = "vision_model."
+    positions = (image_size // patch) ** 2
+    sd = {p + "embeddings.patch_embedding.weight": _gen((width, 3, patch, patch), 3 * patch * patch, g),
+          p + "embeddings.patch_embedding.bias": torch.zeros(width),
+          p + "embeddings.position_embedding.weight": torch.randn(positions, width, generator=g) * 0.02,
+          p + "post_layernorm.weight": torch.ones(width), p + "post_layernorm.bias": torch.zeros(width)}
+    _encoder_layers(sd, p, layers, width, intermediate, g)
+    if head:
+        h = p + "head."
+        sd[h + "probe"] = torch.randn(1, 1, width, generator=g)
+        sd[h + "attention.in_proj_weight"] = _gen((3 * width, width), width, g)
+        sd[h + "attention.in_proj_bias"] = torch.zeros(3 * width)
+        sd[h + "attention.out_proj.weight"] = _gen((width, width), width, g)
+        sd[h + "attention.out_proj.bias"] = torch.zeros(width)
+        sd[h + "layernorm.weight"] = torch.ones(width)
+        sd[h + "layernorm.bias"] = torch.zeros(width)
+        sd[h + "mlp.fc1.weight"] = _gen((intermediate, width), width, g)
+        sd[h + "mlp.fc1.bias"] = torch.zeros(intermediate)
+        sd[h + "mlp.fc2.weight"] = _gen((width, intermediate), intermediate, g, 0.5)
+        sd[h + "mlp.fc2.bias"] = torch.zeros(width)
+    return _unneutral_(sd, g)
+
+
+def write_tiny_siglip(path: Path, head: bool = True, seed: int = 4, **sizes) -> Path:
+    """A tiny SigLIP vision tower (TINY_SIGLIP sizes unless given) as float32 .safetensors, with its pooling head."""
+    sd = siglip_vision_state(**dict(TINY_SIGLIP, **sizes), head=head, seed=seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(sd, path, dtype="float32")
+    return path
+
+
+def write_tiny_clip_vision(path: Path, seed: int = 5, **sizes) -> Path:
+    """A tiny HF-layout CLIP vision tower (TINY_CLIP_VISION sizes unless given) as float32 .safetensors."""
+    import torch
+    sd = clip_vision_state(**dict(TINY_CLIP_VISION, **sizes), seed=seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(_unneutral_(sd, torch.Generator().manual_seed(seed + 1)), path, dtype="float32")
+    return path
