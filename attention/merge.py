@@ -39,7 +39,10 @@ def _stack(x: Stackable, name: str) -> torch.Tensor:
         return x
     if len(x) == 0:
         raise ValueError(f"{name}: no objects given")
-    return torch.stack(list(x), dim=0)
+    try:  # a (1, Lq) map or mask serves every batch row
+        return torch.stack(torch.broadcast_tensors(*x), dim=0)
+    except RuntimeError as e:
+        raise ValueError(f"{name} of shapes {[tuple(t.shape) for t in x]} do not fit together") from e
 
 
 def entity_token_slice(token_count: int, seq_len: int) -> slice:
