@@ -429,95 +429,101 @@ def bench_blocks(args, device, dtype):
     cases = [("flux", "double", "xlabs", 0), ("flux", "double", "instantx-flux", 0),
              ("flux", "single", "instantx-flux", 1), ("sd3", "joint", "instantx-sd3", 0)]
     blocks = {}
+    failed = []
     with torch.inference_mode():
         for model, kind, family, layer in cases:
-            hidden, heads, n_img, txt, side = BLOCK_SHAPES[args.shapes][model]
-            batch = 2 if model == "sd3" else 1  # SD3.5 samples with CFG: cond + uncond rows
-            d = hidden // heads
-            if (model, kind) not in blocks:
+            try:  # one failing case (a dtype, a backend on this GPU) must not cost the others
+                hidden, heads, n_img, txt, side = BLOCK_SHAPES[args.shapes][model]
+                batch = 2 if model == "sd3" else 1  # SD3.5 samples with CFG: cond + uncond rows
+                d = hidden // heads
+                if (model, kind) not in blocks:
+                    if kind == "double":
+                        block = layers.DoubleStreamBlock(hidden, heads, mlp_ratio=4.0, qkv_bias=True, dtype=dtype,
+                                                         device=device, operations=ops)
+                    elif kind == "single":
+                        block = layers.SingleStreamBlock(hidden, heads, mlp_ratio=4.0, dtype=dtype, device=device,
+                                                         operations=ops)
+                    else:
+                        block = mmdit.JointBlock(hidden, heads, mlp_ratio=4.0, qkv_bias=True, attn_mode="torch",
+                                                 pre_only=False, rmsnorm=False, scale_mod_only=False, swiglu=False,
+                                                 qk_norm="rms", x_block_self_attn=False, dtype=dtype, device=device,
+                                                 operations=ops)
+                    blocks[(model, kind)] = _init_(block, seed=len(blocks)).eval()
+                block = blocks[(model, kind)]
+                options = {RUN_KEY: ModelCall((side, side), 500.0, txt), "sigmas": torch.tensor([0.5]),
+                           "cond_or_uncond": [1, 0] if batch == 2 else [0]}
+                img, ctx, vec = rand(batch, n_img, hidden), rand(batch, txt, hidden), rand(batch, hidden)
+                # the dict the host's forward passes to a dit replacement, and its original_block
                 if kind == "double":
-                    block = layers.DoubleStreamBlock(hidden, heads, mlp_ratio=4.0, qkv_bias=True, dtype=dtype,
-                                                     device=device, operations=ops)
+                    args_ = {"img": img, "txt": ctx, "vec": vec, "pe": _flux_pe(layers, torch, txt, side // 2, d, device),
+                             "attn_mask": None, "transformer_options": options}
+
+                    def original(a, block=block):  # the host's blocks add to their inputs in place: copies
+                        o = {}
+                        o["img"], o["txt"] = block(img=a["img"].clone(), txt=a["txt"].clone(), vec=a["vec"], pe=a["pe"],
+                                                   attn_mask=a.get("attn_mask"), transformer_options=a["transformer_options"])
+                        return o
                 elif kind == "single":
-                    block = layers.SingleStreamBlock(hidden, heads, mlp_ratio=4.0, dtype=dtype, device=device,
-                                                     operations=ops)
+                    args_ = {"img": torch.cat([ctx, img], 1), "vec": vec,
+                             "pe": _flux_pe(layers, torch, txt, side // 2, d, device), "attn_mask": None,
+                             "transformer_options": options}
+
+                    def original(a, block=block):
+                        return {"img": block(a["img"].clone(), vec=a["vec"], pe=a["pe"], attn_mask=a.get("attn_mask"),
+                                             transformer_options=a["transformer_options"])}
                 else:
-                    block = mmdit.JointBlock(hidden, heads, mlp_ratio=4.0, qkv_bias=True, attn_mode="torch",
-                                             pre_only=False, rmsnorm=False, scale_mod_only=False, swiglu=False,
-                                             qk_norm="rms", x_block_self_attn=False, dtype=dtype, device=device,
-                                             operations=ops)
-                blocks[(model, kind)] = _init_(block, seed=len(blocks)).eval()
-            block = blocks[(model, kind)]
-            options = {RUN_KEY: ModelCall((side, side), 500.0, txt), "sigmas": torch.tensor([0.5]),
-                       "cond_or_uncond": [1, 0] if batch == 2 else [0]}
-            img, ctx, vec = rand(batch, n_img, hidden), rand(batch, txt, hidden), rand(batch, hidden)
-            # the dict the host's forward passes to a dit replacement, and its original_block
-            if kind == "double":
-                args_ = {"img": img, "txt": ctx, "vec": vec, "pe": _flux_pe(layers, torch, txt, side // 2, d, device),
-                         "attn_mask": None, "transformer_options": options}
+                    args_ = {"img": img, "txt": ctx, "vec": vec, "transformer_options": options}
 
-                def original(a, block=block):  # the host's blocks add to their inputs in place: copies
-                    o = {}
-                    o["img"], o["txt"] = block(img=a["img"].clone(), txt=a["txt"].clone(), vec=a["vec"], pe=a["pe"],
-                                               attn_mask=a.get("attn_mask"), transformer_options=a["transformer_options"])
-                    return o
-            elif kind == "single":
-                args_ = {"img": torch.cat([ctx, img], 1), "vec": vec,
-                         "pe": _flux_pe(layers, torch, txt, side // 2, d, device), "attn_mask": None,
-                         "transformer_options": options}
+                    def original(a, block=block):
+                        o = {}
+                        o["txt"], o["img"] = block(a["txt"].clone(), a["img"].clone(), c=a["vec"],
+                                                   transformer_options=a["transformer_options"])
+                        return o
+                prompt = _block_prompt(family, hidden, heads, device, dtype, sd3_encoder_rows=729 if hidden >= 1024 else 16)
+                norms = (block.x_block.attn.ln_q, block.x_block.attn.ln_k) if kind == "joint" else ()
+                key = ("single_block" if kind == "single" else "double_block", 0)
+                patches = {b: DitBlockPatch(key, kind, 2, family, ((prompt, layer),), backend=b, block_norms=norms)
+                           for b in backends}
+                fns = {"unpatched": lambda: original(args_)}
+                plain = original(args_)["img"].float()
+                term_rel, errors = {}, {}
+                for b, p in patches.items():
+                    try:  # a backend that fails on this shape is reported, not fatal to the rest
+                        got = p(args_, {"original_block": original})["img"].float()
+                    except Exception as e:  # noqa: BLE001
+                        errors[b] = f"{type(e).__name__}: {e}"
+                        continue
+                    term_rel[b] = float((got - plain).abs().max() / plain.abs().max())
+                    fns[f"patched ({b})"] = (lambda p=p: p(args_, {"original_block": original}))
+                ms = _interleaved_ms(fns, device, args.block_rounds, args.inner)
+                ok = [b for b in backends if b not in errors]
+                # K/V of this layer for the run (SD3.5: resampler + K/V, every step), cold
+                step = 500.0 if prompt.per_step else None
 
-                def original(a, block=block):
-                    return {"img": block(a["img"].clone(), vec=a["vec"], pe=a["pe"], attn_mask=a.get("attn_mask"),
-                                         transformer_options=a["transformer_options"])}
-            else:
-                args_ = {"img": img, "txt": ctx, "vec": vec, "transformer_options": options}
-
-                def original(a, block=block):
-                    o = {}
-                    o["txt"], o["img"] = block(a["txt"].clone(), a["img"].clone(), c=a["vec"],
-                                               transformer_options=a["transformer_options"])
-                    return o
-            prompt = _block_prompt(family, hidden, heads, device, dtype, sd3_encoder_rows=729 if hidden >= 1024 else 16)
-            norms = (block.x_block.attn.ln_q, block.x_block.attn.ln_k) if kind == "joint" else ()
-            key = ("single_block" if kind == "single" else "double_block", 0)
-            patches = {b: DitBlockPatch(key, kind, 2, family, ((prompt, layer),), backend=b, block_norms=norms)
-                       for b in backends}
-            fns = {"unpatched": lambda: original(args_)}
-            plain = original(args_)["img"].float()
-            term_rel, errors = {}, {}
-            for b, p in patches.items():
-                try:  # a backend that fails on this shape is reported, not fatal to the rest
-                    got = p(args_, {"original_block": original})["img"].float()
-                except Exception as e:  # noqa: BLE001
-                    errors[b] = f"{type(e).__name__}: {e}"
-                    continue
-                term_rel[b] = float((got - plain).abs().max() / plain.abs().max())
-                fns[f"patched ({b})"] = (lambda p=p: p(args_, {"original_block": original}))
-            ms = _interleaved_ms(fns, device, args.block_rounds, args.inner)
-            ok = [b for b in backends if b not in errors]
-            # K/V of this layer for the run (SD3.5: resampler + K/V, every step), cold
-            step = 500.0 if prompt.per_step else None
-
-            def cold_kv():
+                def cold_kv():
+                    prompt.release()
+                    return prompt.layer_kv(layer, device, dtype, step)
+                kv_ms = _time_ms(cold_kv, device, max(3, args.block_rounds), 1)
+                proj_ms = None
+                if prompt.per_step:
+                    def project():
+                        t = torch.full((prompt.tokens[0].shape[0],), 500.0, device=device, dtype=dtype)
+                        return [prompt.weights.project(row.to(device, dtype), t) for row in prompt.tokens]
+                    proj_ms = _time_ms(project, device, max(3, args.block_rounds), 1)
                 prompt.release()
-                return prompt.layer_kv(layer, device, dtype, step)
-            kv_ms = _time_ms(cold_kv, device, max(3, args.block_rounds), 1)
-            proj_ms = None
-            if prompt.per_step:
-                def project():
-                    t = torch.full((prompt.tokens[0].shape[0],), 500.0, device=device, dtype=dtype)
-                    return [prompt.weights.project(row.to(device, dtype), t) for row in prompt.tokens]
-                proj_ms = _time_ms(project, device, max(3, args.block_rounds), 1)
-            prompt.release()
-            out.append({"model": model, "block": kind, "family": family, "hidden": hidden, "heads": heads,
-                        "head_dim": d, "batch": batch, "image_tokens": n_img, "text_tokens": txt,
-                        "ip_tokens": IP_TOKENS[family], "dtype": str(dtype).replace("torch.", ""), "ms": ms,
-                        "overhead_ms": {b: ms[f"patched ({b})"]["median"] - ms["unpatched"]["median"] for b in ok},
-                        "overhead_pct": {b: 100 * (ms[f"patched ({b})"]["median"] / ms["unpatched"]["median"] - 1)
-                                         for b in ok},
-                        "term_rel_change": term_rel, "errors": errors, "kv_layer_cold_ms": kv_ms,
-                        "projection_ms": proj_ms})
-    return out, full_model_estimate(out, backends)
+                out.append({"model": model, "block": kind, "family": family, "hidden": hidden, "heads": heads,
+                            "head_dim": d, "batch": batch, "image_tokens": n_img, "text_tokens": txt,
+                            "ip_tokens": IP_TOKENS[family], "dtype": str(dtype).replace("torch.", ""), "ms": ms,
+                            "overhead_ms": {b: ms[f"patched ({b})"]["median"] - ms["unpatched"]["median"] for b in ok},
+                            "overhead_pct": {b: 100 * (ms[f"patched ({b})"]["median"] / ms["unpatched"]["median"] - 1)
+                                             for b in ok},
+                            "term_rel_change": term_rel, "errors": errors, "kv_layer_cold_ms": kv_ms,
+                            "projection_ms": proj_ms})
+            except Exception as e:  # noqa: BLE001
+                failed.append({"model": model, "block": kind, "family": family,
+                               "error": f"{type(e).__name__}: {e}"})
+                print(f"block case {model} {kind} {family} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return out, full_model_estimate(out, backends), failed
 
 
 def full_model_estimate(rows, backends) -> dict:
@@ -525,22 +531,31 @@ def full_model_estimate(rows, backends) -> dict:
     one block of each kind: the blocks only (embedders and final layer left out)."""
     by = {(r["family"], r["block"]): r for r in rows}
     backends = [b for b in backends if all(b in r["overhead_ms"] for r in rows)]
+    n_dbl, n_sgl, n_joint = FULL_MODEL["double"], FULL_MODEL["single"], FULL_MODEL["joint"]
+
+    def unpatched(row):
+        return row["ms"]["unpatched"]["median"]
+
     est = {}
-    dbl, sgl = by.get(("xlabs", "double")), by.get(("instantx-flux", "single"))
-    if dbl and sgl:
-        base = FULL_MODEL["double"] * dbl["ms"]["unpatched"]["median"] + FULL_MODEL["single"] * sgl["ms"]["unpatched"]["median"]
-        for b in backends:
-            x = FULL_MODEL["double"] * dbl["overhead_ms"][b]
-            ix = FULL_MODEL["double"] * by[("instantx-flux", "double")]["overhead_ms"][b] + FULL_MODEL["single"] * sgl["overhead_ms"][b]
-            est[f"flux xlabs ({b})"] = {"blocks_ms": base, "overhead_ms": x, "overhead_pct": 100 * x / base}
-            est[f"flux instantx ({b})"] = {"blocks_ms": base, "overhead_ms": ix, "overhead_pct": 100 * ix / base}
-    j = by.get(("instantx-sd3", "joint"))
-    if j:
-        base = FULL_MODEL["joint"] * j["ms"]["unpatched"]["median"]
-        for b in backends:
+    dbl = by.get(("xlabs", "double")) or by.get(("instantx-flux", "double"))
+    sgl = by.get(("instantx-flux", "single"))
+    for b in backends:
+        if dbl and sgl:
+            base = n_dbl * unpatched(dbl) + n_sgl * unpatched(sgl)
+            terms = {}
+            if ("xlabs", "double") in by:
+                terms["flux xlabs"] = n_dbl * by[("xlabs", "double")]["overhead_ms"][b]
+            if ("instantx-flux", "double") in by:
+                terms["flux instantx"] = (n_dbl * by[("instantx-flux", "double")]["overhead_ms"][b]
+                                          + n_sgl * sgl["overhead_ms"][b])
+            for name, x in terms.items():
+                est[f"{name} ({b})"] = {"blocks_ms": base, "overhead_ms": x, "overhead_pct": 100 * x / base}
+        j = by.get(("instantx-sd3", "joint"))
+        if j:
             # The patched joint block computes its layer's K/V on every call (they change with the step);
             # the resampler runs once per step, on the step's first block, and is shared by the others.
-            x = FULL_MODEL["joint"] * j["overhead_ms"][b] + j["projection_ms"]
+            base = n_joint * unpatched(j)
+            x = n_joint * j["overhead_ms"][b] + (j["projection_ms"] or 0.0)
             est[f"sd3.5-large instantx ({b})"] = {"blocks_ms": base, "overhead_ms": x, "overhead_pct": 100 * x / base,
                                                   "of_which_resampler_ms": j["projection_ms"]}
     return est
@@ -639,8 +654,8 @@ def main(argv=None):
         result["unrotate"] = bench_unrotate(args, device, torch.float32 if not cuda else dtype)
         text.append(format_unrotate(result["unrotate"]))
     if args.blocks:
-        rows, est = bench_blocks(args, device, dtype)
-        result["blocks"], result["full_model_estimate"] = rows, est
+        rows, est, failed = bench_blocks(args, device, dtype)
+        result["blocks"], result["full_model_estimate"], result["blocks_failed"] = rows, est, failed
         text.append(f"One block, {args.shapes} shapes, {result['settings']['dtype']} on {result['gpu'] or 'cpu'}: "
                     "ms per call, median over interleaved rounds")
         text.append(format_blocks(rows, est))

@@ -59,6 +59,7 @@ def test_quick_run_writes_every_part(host, tmp_path, capsys):
     assert u["unrotate_max_rel_error"] < 1e-5  # rotating back undoes the host's own apply_rope
 
     blocks = report["blocks"]
+    assert report["blocks_failed"] == []
     assert [(b["block"], b["family"]) for b in blocks] == [
         ("double", "xlabs"), ("double", "instantx-flux"), ("single", "instantx-flux"), ("joint", "instantx-sd3")]
     for b in blocks:
