@@ -229,7 +229,7 @@ OBJECT_INFO = {'CheckpointLoaderSimple': {'input': {'required': {'ckpt_name': [[
                'name': 'SaveImage',
                'display_name': 'Save Image',
                'category': 'image'},
- 'VAELoader': {'input': {'required': {'vae_name': [['pixel_space']]}},
+ 'VAELoader': {'input': {'required': {'vae_name': [[]]}},
                'input_order': {'required': ['vae_name']},
                'output': ['VAE'],
                'output_name': ['VAE'],
@@ -352,6 +352,44 @@ OBJECT_INFO = {'CheckpointLoaderSimple': {'input': {'required': {'ckpt_name': [[
                   'name': 'PreviewImage',
                   'display_name': 'Preview Image',
                   'category': 'image'}}
+
+# The DiT workflows' nodes (same host, same trimming; file lists emptied).
+OBJECT_INFO.update({
+    'UNETLoader': {'input': {'required': {'unet_name': [[]],
+                                          'weight_dtype': [['default', 'fp8_e4m3fn', 'fp8_e4m3fn_fast', 'fp8_e5m2']]}},
+                   'input_order': {'required': ['unet_name', 'weight_dtype']},
+                   'output': ['MODEL'], 'output_name': ['MODEL'], 'name': 'UNETLoader',
+                   'display_name': 'Load Diffusion Model', 'category': 'advanced/loaders'},
+    'DualCLIPLoader': {'input': {'required': {'clip_name1': [[]], 'clip_name2': [[]],
+                                              'type': [['sdxl', 'sd3', 'flux', 'hunyuan_video', 'hidream', 'hunyuan_image']]},
+                                 'optional': {'device': [['default', 'cpu'], {'advanced': True}]}},
+                       'input_order': {'required': ['clip_name1', 'clip_name2', 'type'], 'optional': ['device']},
+                       'output': ['CLIP'], 'output_name': ['CLIP'], 'name': 'DualCLIPLoader',
+                       'display_name': 'DualCLIPLoader', 'category': 'advanced/loaders'},
+    'TripleCLIPLoader': {'input': {'required': {'clip_name1': ['COMBO', {'multiselect': False, 'options': []}],
+                                                'clip_name2': ['COMBO', {'multiselect': False, 'options': []}],
+                                                'clip_name3': ['COMBO', {'multiselect': False, 'options': []}]}},
+                         'input_order': {'required': ['clip_name1', 'clip_name2', 'clip_name3']},
+                         'output': ['CLIP'], 'output_name': ['CLIP'], 'name': 'TripleCLIPLoader',
+                         'display_name': 'TripleCLIPLoader', 'category': 'advanced/loaders'},
+    'FluxGuidance': {'input': {'required': {'conditioning': ['CONDITIONING', {}],
+                                            'guidance': ['FLOAT', {'default': 3.5, 'min': 0.0, 'max': 100.0, 'step': 0.1}]}},
+                     'input_order': {'required': ['conditioning', 'guidance']},
+                     'output': ['CONDITIONING'], 'output_name': ['CONDITIONING'], 'name': 'FluxGuidance',
+                     'display_name': 'FluxGuidance', 'category': 'advanced/conditioning/flux'},
+    'EmptySD3LatentImage': {'input': {'required': {'width': ['INT', {'default': 1024, 'min': 16, 'step': 16}],
+                                                   'height': ['INT', {'default': 1024, 'min': 16, 'step': 16}],
+                                                   'batch_size': ['INT', {'default': 1, 'min': 1}]}},
+                            'input_order': {'required': ['width', 'height', 'batch_size']},
+                            'output': ['LATENT'], 'output_name': ['LATENT'], 'name': 'EmptySD3LatentImage',
+                            'display_name': 'EmptySD3LatentImage', 'category': 'latent/sd3'},
+    'IPAdapterFusedClipVisionLoader': {'input': {'required': {'clip_name': [[]]}},
+                                       'input_order': {'required': ['clip_name']},
+                                       'output': ['CLIP_VISION'], 'output_name': ['clip_vision'],
+                                       'name': 'IPAdapterFusedClipVisionLoader',
+                                       'display_name': 'IPAdapter CLIP Vision Loader (Fused)',
+                                       'category': 'ipadapter_fused'},
+})
 
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
