@@ -24,7 +24,8 @@ Three parts, each in the printed table and the JSON:
    dit replacement, without and with the pack's DitBlockPatch (torch path, and "auto": the fused kernel
    where it applies); the inputs are copied on every call (the host's blocks add to them in place),
    in both variants. `--shapes flux` is the real width (3072 / 24 heads, SD3.5: 2432 / 38 heads, 4096
-   image tokens); `--shapes small` runs anywhere (the smoke test). From the block times it estimates a
+   image tokens); `--shapes mid` keeps the real head dims at width 1024 and 1024 image tokens (a CPU can
+   run it); `--shapes small` runs anywhere (the smoke test). From the block times it estimates a
    full model's step (Flux: 19 double + 38 single blocks; SD3.5-Large: 38 joint blocks).
 """
 from __future__ import annotations
@@ -55,6 +56,7 @@ IPAPLUS = "n/a: ComfyUI_IPAdapter_plus has no DiT support"
 # Block shapes: (hidden, heads, image tokens, text tokens, latent side)
 BLOCK_SHAPES = {
     "flux": {"flux": (3072, 24, 4096, 512, 128), "sd3": (2432, 38, 4096, 333, 128)},
+    "mid": {"flux": (1024, 8, 1024, 128, 64), "sd3": (1024, 16, 1024, 128, 64)},  # real head dims; CPU-sized
     "small": {"flux": (128, 2, 64, 16, 16), "sd3": (128, 2, 64, 16, 16)},
 }
 FULL_MODEL = {"double": 19, "single": 38, "joint": 38}  # FLUX.1-dev, SD3.5-Large
@@ -162,10 +164,10 @@ def _one_time_cost(patched, kind, reps):
 
 
 def bench_models(args):
-    host = _host("cpu")
-    torch = host.torch
+    _host("cpu")
     import dit_models
     from ipadapter_fused.nodes.apply import apply_adapter
+    from ipadapter_fused.nodes.dit_sites import dit_model
     from test_dit_adapters_host import image, tiny_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_dit_"))
@@ -174,6 +176,7 @@ def bench_models(args):
     rows = []
     for kind in args.kinds:
         base = dit_models.build_dit(kind)
+        hidden = dit_model(dit_models.diffusion_model(base)).hidden_size
         cfg = CFG[kind]
         variants = {"without adapter": base}
         info = {}
@@ -212,8 +215,7 @@ def bench_models(args):
                 rows.append({
                     "model": kind, "family": family, "latent": latent_side, "image_tokens": n_img,
                     "text_tokens": text, "cfg": cfg, "model_calls_batch": 1 if cfg == 1.0 else 2,
-                    "ip_tokens": IP_TOKENS[family], "hidden": dit_models.diffusion_model(base).hidden_size
-                    if kind != "sd3" else int(dit_models.diffusion_model(base).joint_blocks[0].x_block.attn.qkv.out_features // 3),
+                    "ip_tokens": IP_TOKENS[family], "hidden": hidden,
                     "layers": info[family]["layers"],
                     "without_s_per_step": statistics.median(base_s),
                     "with_s_per_step": statistics.median(per_round[family]),
@@ -388,7 +390,7 @@ def _block_prompt(family, hidden, heads, device, dtype, sd3_encoder_rows):
     from ipadapter_fused.nodes.prompt import ImagePrompt
     from ipadapter_fused.nodes.schedules import SiteWeight
 
-    big = hidden >= 1024
+    big = hidden >= 2048
     dims = dict(hidden=hidden, heads=heads, tokens=IP_TOKENS[family], double_blocks=1)
     g = torch.Generator(device="cpu").manual_seed(3)
     if family == "instantx-sd3":
@@ -455,13 +457,15 @@ def bench_blocks(args, device, dtype):
                 img, ctx, vec = rand(batch, n_img, hidden), rand(batch, txt, hidden), rand(batch, hidden)
                 # the dict the host's forward passes to a dit replacement, and its original_block
                 if kind == "double":
-                    args_ = {"img": img, "txt": ctx, "vec": vec, "pe": _flux_pe(layers, torch, txt, side // 2, d, device),
-                             "attn_mask": None, "transformer_options": options}
+                    pe = _flux_pe(layers, torch, txt, side // 2, d, device)
+                    args_ = {"img": img, "txt": ctx, "vec": vec, "pe": pe, "attn_mask": None,
+                             "transformer_options": options}
 
                     def original(a, block=block):  # the host's blocks add to their inputs in place: copies
                         o = {}
                         o["img"], o["txt"] = block(img=a["img"].clone(), txt=a["txt"].clone(), vec=a["vec"], pe=a["pe"],
-                                                   attn_mask=a.get("attn_mask"), transformer_options=a["transformer_options"])
+                                                   attn_mask=a.get("attn_mask"),
+                                                   transformer_options=a["transformer_options"])
                         return o
                 elif kind == "single":
                     args_ = {"img": torch.cat([ctx, img], 1), "vec": vec,
@@ -479,7 +483,8 @@ def bench_blocks(args, device, dtype):
                         o["txt"], o["img"] = block(a["txt"].clone(), a["img"].clone(), c=a["vec"],
                                                    transformer_options=a["transformer_options"])
                         return o
-                prompt = _block_prompt(family, hidden, heads, device, dtype, sd3_encoder_rows=729 if hidden >= 1024 else 16)
+                prompt = _block_prompt(family, hidden, heads, device, dtype,
+                                       sd3_encoder_rows=729 if hidden >= 2048 else 16)
                 norms = (block.x_block.attn.ln_q, block.x_block.attn.ln_k) if kind == "joint" else ()
                 key = ("single_block" if kind == "single" else "double_block", 0)
                 patches = {b: DitBlockPatch(key, kind, 2, family, ((prompt, layer),), backend=b, block_norms=norms)
@@ -574,8 +579,8 @@ def format_blocks(rows, est) -> str:
         for b, e in r["errors"].items():
             lines.append(f"    backend {b}: {e}")
     for name, e in est.items():
-        lines.append(f"  full-model estimate, {name}: blocks {e['blocks_ms']:.1f} ms/step, image prompt "
-                     f"{e['overhead_ms']:+.2f} ms ({e['overhead_pct']:+.2f}%)")
+        lines.append(f"  x19 double + 38 single (Flux) / x38 joint (SD3.5-L), {name}: blocks {e['blocks_ms']:.1f} "
+                     f"ms/step, image prompt {e['overhead_ms']:+.2f} ms ({e['overhead_pct']:+.2f}%)")
     return "\n".join(lines)
 
 
@@ -593,7 +598,8 @@ def main(argv=None):
     ap.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=None,
                     help="single-block timing (default: on for cuda, off for cpu)")
     ap.add_argument("--shapes", choices=sorted(BLOCK_SHAPES), default=None,
-                    help="block shapes: flux (real width; default on cuda) or small (default on cpu)")
+                    help="block shapes: flux (real width; default on cuda), mid (CPU-sized, real head dims) or small "
+                         "(default on cpu)")
     ap.add_argument("--unrotate-shapes", choices=sorted(BLOCK_SHAPES), default="flux",
                     help="shapes of the query-recovery comparison (default flux)")
     ap.add_argument("--block-rounds", type=int, default=None, help="rounds for block/unrotate timing")

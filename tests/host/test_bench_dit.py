@@ -72,7 +72,7 @@ def test_quick_run_writes_every_part(host, tmp_path, capsys):
     assert set(report["full_model_estimate"]) == {
         f"{m} ({b})" for m in ("flux xlabs", "flux instantx", "sd3.5-large instantx") for b in ("torch", "auto")}
     text = capsys.readouterr().out
-    assert "n/a (no DiT support)" in text and "full-model estimate" in text
+    assert "n/a (no DiT support)" in text and "x19 double + 38 single" in text
 
 
 def _row(family, block, unpatched, patched, projection=None):
