@@ -667,3 +667,45 @@ def write_tiny_clip_vision(path: Path, seed: int = 5, **sizes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(_unneutral_(sd, torch.Generator().manual_seed(seed + 1)), path, dtype="float32")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# DiT workflows on tiny models (tests/server/test_dit_workflows.py): adapters sized for the tiny DiTs, the
+# one text encoder the host's SD3 path accepts alone (CLIP-L: the host's config is the full-size one, so the
+# file is full size, cached), and TAESD-layout 16-channel VAEs the host's VAELoader lists as taesd3 / taef1.
+# --------------------------------------------------------------------------------------------------
+CLIP_L_TEXT = "ipaf_clip_l_text.safetensors"
+
+
+def make_dit_adapter(path: Path, family: str, seed: int = 0, **dims) -> Path:
+    """A random DiT adapter ('xlabs', 'instantx-flux', 'instantx-sd3') in its published key layout, made by the
+    pack's models/synthetic.py; dims: hidden, heads, double_blocks, single_blocks, tokens, encoder_width, ..."""
+    synthetic = _import_pack_module("models.synthetic")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part.safetensors")
+    synthetic.save_synthetic_dit_adapter(tmp, family, None, seed=seed, **dims)
+    os.replace(tmp, path)
+    return path
+
+
+def clip_l_text_encoder(cache_dir: Path | None = None) -> Path:
+    """A CLIP-L text encoder file (HF keys text_model.*, random weights, float16; ~250 MB, cached)."""
+    root = Path(cache_dir or default_cache_dir()) / f"selfcheck-models-v{SELFCHECK_MODELS_VERSION}"
+    return _cached(root / "text_encoders" / CLIP_L_TEXT, "CLIP-L text encoder layout (full size: the host's config)",
+                   lambda p: _save(clip_text_state(prefix="text_model."), p))
+
+
+def write_taesd_pair(folder: Path, name: str, latent_channels: int = 16, seed: int = 3) -> list:
+    """{name}_encoder.safetensors and {name}_decoder.safetensors in `folder` (the host's vae_approx layout:
+    keys without the taesd_encoder. / taesd_decoder. prefix). name: taesd3 or taef1 (16 channels)."""
+    sd = taesd_state(latent_channels=latent_channels, seed=seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for part in ("encoder", "decoder"):
+        prefix = f"taesd_{part}."
+        path = folder / f"{name}_{part}.safetensors"
+        _save({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, path, dtype="float32")
+        out.append(path)
+    return out

@@ -17,5 +17,7 @@ async def run_caches(request):
     return web.json_response({"adapters": len(entries), "cached": sum(len(e._cache) for e in entries)})
 
 
-NODE_CLASS_MAPPINGS = {}
+from .dit_stand_ins import NODE_CLASS_MAPPINGS as _DIT_STAND_INS  # noqa: E402  (tests/server/test_dit_workflows.py)
+
+NODE_CLASS_MAPPINGS = dict(_DIT_STAND_INS)
 NODE_DISPLAY_NAME_MAPPINGS = {}
