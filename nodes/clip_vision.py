@@ -26,7 +26,7 @@ from ..models.vision_encoder import (
     infer_vision_config,
     read_pooling_head_state,
 )
-from .encode import POOLING_HEAD_ATTR
+from .encode import POOLING_HEAD_ATTR, encoder_kind
 from .loaders import _clip_visions, _file_key, _lock
 
 FOLDER = "clip_vision"
@@ -58,12 +58,18 @@ def host_known_heads(config: VisionTowerConfig):
     return None
 
 
-def _host_load(path: str, name: str):
+def _host_load(path: str, name: str, pickled: bool = False):
     import comfy.clip_vision
 
     try:
         cv = comfy.clip_vision.load(path)
-    except RuntimeError as e:  # a known key set with other shapes: load_state_dict's size mismatch
+    except Exception as e:
+        if pickled:  # torch's own text about a refused pickle advises weights_only=False: not passed on
+            raise VisionEncoderError(f"{name}: the host could not read it as a weights-only torch file "
+                                     f"({type(e).__name__}); use the .safetensors version of the encoder") from None
+        if not isinstance(e, RuntimeError):
+            raise
+        # a known key set with other shapes: load_state_dict's size mismatch
         raise VisionEncoderError(f"{name}: the host could not load it as a CLIP vision model ({str(e)[:300]})") from e
     if cv is None:
         raise VisionEncoderError(f"{name} is not a CLIP vision model the host can load")
@@ -121,7 +127,12 @@ def load_vision_encoder(path: str, name: str | None = None):
         if not getattr(comfy.utils, "ALWAYS_SAFE_LOAD", False):
             raise VisionEncoderError(f"{name} is not a .safetensors file, and this torch cannot load pickled files "
                                      "safely (weights_only); use the .safetensors version of the encoder")
-        return _host_load(path, name)
+        cv = _host_load(path, name, pickled=True)
+        if encoder_kind(cv) == "siglip":
+            _log.warning("IPAdapter Fused: %s is not .safetensors; SigLIP's pooling head is read from .safetensors "
+                         "files only, so InstantX Flux cannot use this file (SD3.5 can). Use model.safetensors of "
+                         "google/siglip-so400m-patch14-384.", name)
+        return cv
     try:
         config = infer_vision_config(header, name)
     except VisionEncoderError:

@@ -22,7 +22,7 @@ def folder(host, tmp_path, monkeypatch):
     """The host's clip_vision folder pointed at an empty temporary folder (the loaders' cache is keyed by path)."""
     path = tmp_path / "clip_vision"
     path.mkdir()
-    monkeypatch.setitem(host.folder_paths.folder_names_and_paths, "clip_vision", ([str(path)], {".safetensors"}))
+    monkeypatch.setitem(host.folder_paths.folder_names_and_paths, "clip_vision", ([str(path)], {".safetensors", ".bin"}))
     return path
 
 
@@ -157,6 +157,29 @@ def test_not_a_vision_encoder_names_the_file(host, folder):
         _node_load("notes.safetensors")
     with pytest.raises(FileNotFoundError, match=r"'missing\.safetensors' was not found in the 'clip_vision'"):
         _node_load("missing.safetensors")
+
+
+def test_pickles_are_read_weights_only(host, folder, tmp_path):
+    """A .bin goes to the host's loader, which unpickles with weights_only: a payload never runs, and the
+    error names the file without torch's advice to turn weights_only off."""
+    import pickle
+
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from untrusted_files import _Payload
+
+    from ipadapter_fused.models.vision_encoder import VisionEncoderError
+
+    marker = tmp_path / "code_ran"
+    with open(folder / "evil.bin", "wb") as f:
+        pickle.dump({"vision_model.embeddings.class_embedding": _Payload(marker)}, f, protocol=2)
+    with pytest.raises(VisionEncoderError, match=r"evil\.bin: the host could not read it as a weights-only") as info:
+        _node_load("evil.bin")
+    assert not marker.exists() and "weights_only=False" not in str(info.value)
+    (folder / "empty.bin").write_bytes(b"")
+    with pytest.raises(VisionEncoderError, match=r"empty\.bin"):
+        _node_load("empty.bin")
 
 
 def test_a_size_the_host_knows_goes_through_the_host_loader(host, folder, tmp_path):
