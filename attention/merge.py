@@ -15,7 +15,7 @@ position instead:
 
 entity_attention_map computes the per-object maps the first two take. Everything runs in
 float32 and returns the terms' dtype; all functions are plain torch, no host imports.
-The facts these follow, with file and line, are in the project's notes (mip_facts.md)."""
+Line numbers refer to MIP-Adapter commit ef01c847 (2024-10-14)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union

@@ -38,7 +38,7 @@ _FULL_FACE_TOKENS = 257
 
 _LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
 # MIP-Adapter adds one Linear(layer width, 1, bias=False) per cross-attention layer (its
-# IPAttnProcessor.text_to_weight); see /work/notes/mip_facts.md for the reference code.
+# IPAttnProcessor.text_to_weight, github.com/hqhQAQ/MIP-Adapter ip_adapter/attention_processor_multi.py).
 _GATE_KEY = re.compile(r"^(\d+)\.text_to_weight\.weight$")
 # The published MIP-Adapter checkpoints (model_sdxl.bin, model_sdxl_plus.bin) are SDXL only.
 _MIP_LAYERS = 70
