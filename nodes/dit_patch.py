@@ -318,6 +318,10 @@ class DitBlockPatch:
             call = _Call(self, args, active)
             patched = dict(options)
             patched["optimized_attention_override"] = call.override(options.get("optimized_attention_override"))
+            # The DiTs of this host do not say which block runs; the copy does, for any attention
+            # override of another pack that runs inside this block.
+            patched.setdefault("block_type", self.key[0].split("_")[0])
+            patched.setdefault("block_index", self.key[1])
             out = original({**args, "transformer_options": patched})
             return self.injection.after_block(call, out)
         return run

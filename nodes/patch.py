@@ -24,6 +24,7 @@ import torch
 
 from ..attention import decoupled_attention, mask_to_tokens, pack_image_contexts
 from .host import host_attention_fn
+from .multi_ref import MergedPrompt
 from .prompt import ImagePrompt
 
 
@@ -101,7 +102,8 @@ class Attn2Patch:
         """The image contexts of this call, packed once per run for each combination of
         active adapters and batch layout (the fused kernel reads one buffer; the torch
         path reads views of it)."""
-        active = [e for e in self.entries if e.active(sigma) and e.site_weights[self.layer].weight != 0]
+        active = [e for e in self.entries if e.active(sigma) and e.site_weights[self.layer].weight != 0
+                  and not isinstance(e, MergedPrompt)]
         if not active:
             return None
         cond_or_uncond = tuple(extra_options["cond_or_uncond"])
@@ -125,9 +127,10 @@ class Attn2Patch:
         contexts = self._contexts(q, extra_options, sigma)
         heads = extra_options["n_heads"]
         attention_fn = host_attention_fn(extra_options)
+        merged = [e for e in self.entries if isinstance(e, MergedPrompt) and e.active(sigma)]
         if self.previous is not None:
             out = self.previous(q, k, v, extra_options)
-        elif contexts is None or "optimized_attention_override" in extra_options:
+        elif contexts is None or merged or "optimized_attention_override" in extra_options:
             # An attention override (SageAttention and other attention nodes) replaces the
             # host's attention wherever transformer_options reach it; the fused kernel would
             # bypass it, so the text term goes through the host and only image terms are fused.
@@ -135,9 +138,14 @@ class Attn2Patch:
         else:
             out = decoupled_attention(q, k, v, contexts, heads, "blc", self.backend, attention_fn)
             contexts = None
+        text_out = out  # merged prompts read the text attention output (before to_out), as MIP does
         if contexts is not None:
             extra = decoupled_attention(q, None, None, contexts, heads, "blc", self.backend, attention_fn)
             out = out + extra.to(out.dtype)
+        for entry in merged:
+            term = entry.merged_term(self.layer, q, text_out, extra_options, attention_fn, self.backend)
+            if term is not None:
+                out = out + term.to(out.dtype)
         for callback, kwargs in self.foreign_terms:
             # the window convention of the pack that added the term
             if sigma is None or kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf")):

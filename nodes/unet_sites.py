@@ -19,6 +19,12 @@ def _transformers(block):
 
 def unet_attn2_sites(diffusion_model) -> list[Site]:
     """Sites in checkpoint order (input blocks, output blocks, middle block)."""
+    return [site for site, _ in unet_attn2_layers(diffusion_model)]
+
+
+def unet_attn2_layers(diffusion_model) -> list:
+    """(Site, attn2 module) pairs in checkpoint order, for the few features that read a layer's
+    own weights (multi-reference routing projects entity words with its to_k)."""
     for name in ("input_blocks", "middle_block", "output_blocks"):
         if not hasattr(diffusion_model, name):
             raise ValueError(
@@ -35,14 +41,14 @@ def unet_attn2_sites(diffusion_model) -> list[Site]:
                     attn2 = getattr(tb, "attn2", None)
                     if attn2 is None:
                         continue
-                    sites.append(Site(
+                    sites.append((Site(
                         key=(block_name, block_id, index),
                         block=block_name,
                         transformer_index=t_idx,
                         width=attn2.to_q.out_features,
                         context_dim=attn2.to_k.in_features,
                         heads=attn2.heads,
-                    ))
+                    ), attn2))
                 t_idx += 1
-    sites.sort(key=lambda s: (_ORDER[s.block], s.key[1], s.key[2]))
+    sites.sort(key=lambda pair: (_ORDER[pair[0].block], pair[0].key[1], pair[0].key[2]))
     return sites

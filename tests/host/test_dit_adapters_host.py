@@ -358,6 +358,8 @@ def test_architecture_mismatches_are_named(host, tmp_path, tiny_sd15):
         apply_adapter(tiny_sd15(), flux_adapter, clip, image())
     with pytest.raises(ValueError, match="needs a SigLIP vision model.*CLIP vision model"):
         apply_adapter(dit_models.build_dit("sd3"), sd3_adapter, clip, image())
+    with pytest.raises(ValueError, match="needs a CLIP vision model.*SigLIP vision model"):
+        apply_adapter(dit_models.build_dit("flux"), flux_adapter, siglip, image())
     with pytest.raises(ValueError, match="style transfer.*no meaning on a DiT"):
         apply_adapter(dit_models.build_dit("flux"), flux_adapter, clip, image(), weight_type="style transfer")
 
