@@ -157,3 +157,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterFusedSimple": "IPAdapter (Fused, all-in-one)",
     "IPAdapterFusedClipVisionLoader": "IPAdapter CLIP Vision Loader (Fused)",
 }
+
+# Scene composition nodes (regions, several references merged per position) live in region_nodes.py.
+from .region_nodes import NODE_CLASS_MAPPINGS as _REGION_NODES, NODE_DISPLAY_NAME_MAPPINGS as _REGION_NAMES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_REGION_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_REGION_NAMES)
