@@ -94,6 +94,35 @@ def check_mask_batch(mask: Optional[torch.Tensor], latent_batch: int) -> None:
             f"connect 1 mask (used for every image) or {latent_batch} (one per image)")
 
 
+def parse_image_weights(text: str, n_images: int) -> Optional[list[float]]:
+    """'1.0, 0.5': one factor per reference image (None when empty)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        weights = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"image_weights {text!r} is not understood: write one factor per reference image, "
+                         "e.g. '1.0, 0.5'") from None
+    if len(weights) != n_images:
+        raise ValueError(f"image_weights lists {len(weights)} factor(s) but {n_images} reference image(s) are "
+                         "connected; give one factor per image")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"image_weights {text!r} holds a factor that is not a finite number")
+    return weights
+
+
+def weigh_images(pos, neg, weights, method: str):
+    """Per-image weights: the images' encodings combined with their weights (models.encoding.
+    combine_embeds_weighted); the negatives follow as for an unweighted combine."""
+    if weights is None:
+        return pos, neg
+    from ..models.encoding import combine_embeds_weighted
+
+    pos = combine_embeds_weighted(pos, weights, method)
+    return pos, (neg if method == "concat" else neg[:1])
+
+
 def run_wrapper(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper (one per model, whatever the number of apply nodes): prepares the
     run's own model options (windows from the run's model_sampling, foreign patches on the
@@ -131,6 +160,7 @@ def apply_adapter(
     attn_mask: Optional[torch.Tensor] = None,
     layer_weights: str = "",
     weight_composition: float = 1.0,
+    image_weights: str = "",
 ):
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
@@ -159,7 +189,9 @@ def apply_adapter(
         if spec.injection == "instantx-sd3":
             sd3_block_norms(unet)  # refuses q/k norms it cannot convert, before any work
         mask = _check_mask(attn_mask)
+        per_image = parse_image_weights(image_weights, image.shape[0] if isinstance(image, torch.Tensor) else 0)
         pos, neg = encode_images(clip_vision, spec, image, image_negative)
+        pos, neg = weigh_images(pos, neg, per_image, combine_embeds)
         if combine_embeds != "concat" and pos.shape[0] > 1:
             pos, neg = combine(pos, combine_embeds), neg[:1]
         mm.load_models_gpu([adapter.patcher])
@@ -179,7 +211,9 @@ def apply_adapter(
     site_weights = resolve_site_weights(sites, weight_type, weight, weight_composition, layer_weights)
     mask = _check_mask(attn_mask)
 
+    per_image = parse_image_weights(image_weights, image.shape[0] if isinstance(image, torch.Tensor) else 0)
     pos, neg = encode_images(clip_vision, spec, image, image_negative)
+    pos, neg = weigh_images(pos, neg, per_image, combine_embeds)
     mm.load_models_gpu([adapter.patcher])
     param = next(adapter.weights.parameters())
     tokens = image_tokens(adapter.weights, pos.to(param.device, param.dtype), neg.to(param.device, param.dtype),

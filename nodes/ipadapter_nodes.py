@@ -110,16 +110,19 @@ class IPAdapterFusedApply:
                                              "Overrides the weight type when filled in."}),
                 "weight_composition": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
                                        "tooltip": "Weight of the composition layers for 'style and composition'."}),
+                "image_weights": ("STRING", {"default": "",
+                                  "tooltip": "Optional factor per reference image, e.g. '1.0, 0.5', applied to the "
+                                             "images' encodings before combine_embeds merges them (empty: all 1)."}),
             },
         }
 
     def apply(self, model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
               combine_embeds, embeds_scaling, middle_block, image_negative=None, attn_mask=None,
-              layer_weights="", weight_composition=1.0):
+              layer_weights="", weight_composition=1.0, image_weights=""):
         _require_tensor(attn_mask, "attn_mask", "MASK")
         return (apply_adapter(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
                               combine_embeds, embeds_scaling, middle_block, image_negative, attn_mask,
-                              layer_weights, weight_composition),)
+                              layer_weights, weight_composition, image_weights),)
 
 
 class IPAdapterFusedSimple:

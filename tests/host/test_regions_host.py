@@ -98,3 +98,36 @@ def test_region_node_adds_the_masked_text_and_the_masked_image_prompt(host, tiny
     # the chained model samples (region texts go through the host's own masked conditioning)
     out = util.sample(m2, pos2, neg2, steps=2, latent_size=16)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", ["concat", "average", "norm average", "subtract"])
+def test_per_image_weights_reach_the_tokens(host, tiny_sd15, tiny_clip_vision, tmp_path, method):
+    """image_weights: the tokens equal the adapter's projection of the weighted combination written out."""
+    from ipadapter_fused.nodes.apply import apply_adapter
+    from ipadapter_fused.nodes.encode import encode_images
+    from ipadapter_fused.nodes.patch import Attn2Patch
+
+    torch = host.torch
+    model = tiny_sd15()
+    adapter = _adapter(host, model, tmp_path)
+    cv = tiny_clip_vision(**CLIP)
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    w = [1.0, 0.5, 2.0]
+    patched = apply_adapter(model, adapter, cv, images, combine_embeds=method, image_weights="1.0, 0.5, 2.0")
+    patch = next(p for p in patched.model_options["transformer_options"]["patches_replace"]["attn2"].values()
+                 if isinstance(p, Attn2Patch))
+    tokens = patch.entries[0].tokens
+    pos, _ = encode_images(cv, adapter.spec, images, None)
+    x = pos.float()
+    wt = torch.tensor(w)[:, None]
+    if method == "concat":
+        want = wt * x
+    elif method == "average":
+        want = ((wt * x).sum(0) / wt.sum())[None]
+    elif method == "norm average":
+        want = ((wt * x / x.norm(dim=0, keepdim=True)).sum(0) / wt.sum())[None]
+    else:
+        want = (w[0] * x[0] - (wt[1:] * x[1:]).sum(0) / wt[1:].sum())[None]
+    torch.testing.assert_close(tokens[0], adapter.weights.image_tokens(want), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image_weights lists 2 factor.*3 reference image"):
+        apply_adapter(model, adapter, cv, images, image_weights="1, 2")
