@@ -391,6 +391,10 @@ OBJECT_INFO.update({
                                        'category': 'ipadapter_fused'},
 })
 
+# The region and multi-reference workflows' nodes (issue 9).
+from region_object_info import REGION_OBJECT_INFO  # noqa: E402
+OBJECT_INFO.update(REGION_OBJECT_INFO)
+
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -443,8 +447,9 @@ def test_shipped_workflows_convert(path):
     prompt = convert.workflow_to_prompt(workflow, OBJECT_INFO)
     _check_prompt(prompt, workflow)
     apply = [n for n in prompt.values() if n["class_type"] == "IPAdapterFusedApply"]
-    assert apply and all(a["inputs"]["weight_type"] == "linear" and a["inputs"]["middle_block"] == "patch"
-                         for a in apply)
+    scene = [n for n in prompt.values() if n["class_type"] in ("IPAdapterFusedRegion", "IPAdapterFusedMultiReference")]
+    assert (apply or scene) and all(a["inputs"]["weight_type"] == "linear" and a["inputs"]["middle_block"] == "patch"
+                                    for a in apply)
     ks = [n for n in prompt.values() if n["class_type"] == "KSampler"]
     assert ks and all(isinstance(k["inputs"]["steps"], int) and k["inputs"]["sampler_name"] for k in ks)
 

@@ -13,8 +13,10 @@ import pytest
 from ipaf_runner import convert, tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
-# The DiT workflows need other tiny models and two test-only stand-ins: test_dit_workflows.py runs them.
-WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.startswith(("flux_", "sd35_")))
+# The DiT workflows need other tiny models and two test-only stand-ins: test_dit_workflows.py runs them;
+# the region / MIP ones (masks, a MIP file, a with/without comparison): test_region_workflows.py.
+WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json")
+                   if not p.name.startswith(("flux_", "sd35_", "regions_", "mip_")))
 # What stays of each workflow: its graph and settings; only these inputs are rebound (by input name).
 MAX_SIZE = 64
 MAX_STEPS = 3
