@@ -96,7 +96,7 @@ def _host(device: str):
 
 def _spread(values):
     med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values), "n": len(values)}
+    return {"median": med, "min": min(values), "max": max(values), "n": len(values), "samples": list(values)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,9 +519,9 @@ def bench_blocks(args, device, dtype):
                 out.append({"model": model, "block": kind, "family": family, "hidden": hidden, "heads": heads,
                             "head_dim": d, "batch": batch, "image_tokens": n_img, "text_tokens": txt,
                             "ip_tokens": IP_TOKENS[family], "dtype": str(dtype).replace("torch.", ""), "ms": ms,
-                            "overhead_ms": {b: ms[f"patched ({b})"]["median"] - ms["unpatched"]["median"] for b in ok},
-                            "overhead_pct": {b: 100 * (ms[f"patched ({b})"]["median"] / ms["unpatched"]["median"] - 1)
-                                             for b in ok},
+                            # within each round (the variants ran next to each other), then the median
+                            "overhead_ms": {b: _per_round(ms, b, lambda p, u: p - u) for b in ok},
+                            "overhead_pct": {b: _per_round(ms, b, lambda p, u: 100 * (p / u - 1)) for b in ok},
                             "term_rel_change": term_rel, "errors": errors, "kv_layer_cold_ms": kv_ms,
                             "projection_ms": proj_ms})
             except Exception as e:  # noqa: BLE001
@@ -529,6 +529,11 @@ def bench_blocks(args, device, dtype):
                                "error": f"{type(e).__name__}: {e}"})
                 print(f"block case {model} {kind} {family} failed: {type(e).__name__}: {e}", file=sys.stderr)
     return out, full_model_estimate(out, backends), failed
+
+
+def _per_round(ms, backend, f):
+    pairs = zip(ms[f"patched ({backend})"]["samples"], ms["unpatched"]["samples"])
+    return statistics.median(f(p, u) for p, u in pairs)
 
 
 def full_model_estimate(rows, backends) -> dict:
