@@ -145,6 +145,43 @@ def test_tiny_clip(host, folder, tmp_path):
     assert out["image_embeds"].shape == (2, 24) and out["penultimate_hidden_states"].shape == (2, 17, 64)
 
 
+def _to_openclip(sd: dict) -> dict:
+    """The HF-layout CLIP vision state in OpenCLIP's layout (visual.*: conv1, resblocks with a fused in_proj)."""
+    torch = util.prepare_host().torch
+    p, out = "vision_model.", {}
+    names = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
+             "embeddings.position_embedding.weight": "positional_embedding", "pre_layrnorm.weight": "ln_pre.weight",
+             "pre_layrnorm.bias": "ln_pre.bias", "post_layernorm.weight": "ln_post.weight",
+             "post_layernorm.bias": "ln_post.bias"}
+    for k, v in names.items():
+        out["visual." + v] = sd[p + k]
+    out["visual.proj"] = sd["visual_projection.weight"].t().contiguous()
+    layers = {int(k.split(".")[3]) for k in sd if ".encoder.layers." in k}
+    parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in layers:
+        hf, oc = f"{p}encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for y in ("weight", "bias"):
+            for a, b in parts.items():
+                out[f"{oc}{b}.{y}"] = sd[f"{hf}{a}.{y}"]
+            out[f"{oc}attn.in_proj_{y}"] = torch.cat([sd[f"{hf}self_attn.{n}.{y}"] for n in ("q_proj", "k_proj", "v_proj")])
+    return out
+
+
+def test_tiny_openclip_layout(host, folder):
+    """The same tiny tower in OpenCLIP's key layout loads to the same model (the host's key conversion)."""
+    from safetensors.torch import load_file, save_file
+
+    torch = host.torch
+    hf = _tm().write_tiny_clip_vision(folder / "tiny_clip_hf.safetensors", **CLIP)
+    save_file(_to_openclip(load_file(str(hf))), str(folder / "tiny_clip_openclip.safetensors"))
+    img = _images()
+    a = _node_load("tiny_clip_hf.safetensors").encode_image(img)
+    b = _node_load("tiny_clip_openclip.safetensors").encode_image(img)
+    for key in ("image_embeds", "penultimate_hidden_states"):
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_not_a_vision_encoder_names_the_file(host, folder):
     from ipadapter_fused.models import save_synthetic_adapter
     from ipadapter_fused.models.vision_encoder import VisionEncoderError
