@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import sys
+from pathlib import Path
 
 import pytest
 
 import util
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared bad-file helpers
+from untrusted_files import _Payload  # noqa: E402
 
 SIGLIP = dict(width=64, layers=2, intermediate=128, patch=14, image_size=56)
 CLIP = dict(width=64, layers=2, intermediate=96, patch=14, image_size=56, projection=24)
@@ -199,13 +205,6 @@ def test_not_a_vision_encoder_names_the_file(host, folder):
 def test_pickles_are_read_weights_only(host, folder, tmp_path):
     """A .bin goes to the host's loader, which unpickles with weights_only: a payload never runs, and the
     error names the file without torch's advice to turn weights_only off."""
-    import pickle
-
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from untrusted_files import _Payload
-
     from ipadapter_fused.models.vision_encoder import VisionEncoderError
 
     marker = tmp_path / "code_ran"
