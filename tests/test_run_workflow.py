@@ -392,6 +392,7 @@ OBJECT_INFO.update({
 })
 
 # The region and multi-reference workflows' nodes (issue 9).
+sys.path.insert(0, str(ROOT / "tests"))  # --import-mode=importlib does not put tests/ on the path
 from region_object_info import REGION_OBJECT_INFO  # noqa: E402
 OBJECT_INFO.update(REGION_OBJECT_INFO)
 
