@@ -14,6 +14,9 @@ Three parts, each in the printed table and the JSON:
    set-up and the K/V); variants run in interleaved rounds, the ratio is taken within each round. The
    one-time cost is the K/V of every layer (and, for SD3.5, the time-conditioned resampler: that one is
    paid on every step). ComfyUI_IPAdapter_plus never supported DiTs: there is no column to fill.
+   On CPU every time is also taken as the process's CPU time (time.process_time), which leaves out
+   the time spent waiting for a core: on a machine shared with other jobs that is the steadier figure
+   (with one torch thread it is the work; with more it also counts threads spinning at barriers).
 2. Query recovery (`--no-unrotate` skips): the adapters read the image-stream query before RoPE, the
    host's attention sees it after. nodes.dit_patch.unrotate rotates it back; the alternative is to
    recompute it from the block's input (LayerNorm, modulation, the q slice of the QKV projection, the
@@ -130,17 +133,18 @@ def _adapter(tmp: Path, family: str, kind: str, tokens: int):
 
 
 def _step_times(patcher, kind, latent, steps, cfg, pos, neg, seed):
-    """Seconds of each sampling step, from the sampler's step callbacks."""
+    """(wall, CPU) seconds of each sampling step, from the sampler's step callbacks. CPU time is the
+    process's (time.process_time): on shared cores it leaves out the time the process waited for a core."""
     host = _host("cpu")
     torch = host.torch
     noise = host.sample.prepare_noise(latent, seed)
     stamps = []
-    t0 = time.perf_counter()
+    t0 = (time.perf_counter(), time.process_time())
     with torch.inference_mode():
         host.sample.sample(patcher, noise, steps, cfg, "euler", "simple", pos, neg, latent, disable_pbar=True,
-                           seed=seed, callback=lambda *a: stamps.append(time.perf_counter()))
+                           seed=seed, callback=lambda *a: stamps.append((time.perf_counter(), time.process_time())))
     edges = [t0] + stamps
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return ([b[0] - a[0] for a, b in zip(edges, edges[1:])], [b[1] - a[1] for a, b in zip(edges, edges[1:])])
 
 
 def _one_time_cost(patched, kind, reps):
@@ -202,16 +206,20 @@ def bench_models(args):
             for name in names:  # warm-up
                 _step_times(variants[name], kind, latent, 2, cfg, pos, neg, 0)
             per_round = {n: [] for n in names}
+            cpu_round = {n: [] for n in names}
             first = {n: [] for n in names}
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    t = _step_times(variants[name], kind, latent, args.steps, cfg, pos, neg, r)
+                    t, c = _step_times(variants[name], kind, latent, args.steps, cfg, pos, neg, r)
                     per_round[name].append(statistics.median(t[1:]))
+                    cpu_round[name].append(statistics.median(c[1:]))
                     first[name].append(t[0])
             base_s = per_round["without adapter"]
+            base_c = cpu_round["without adapter"]
             for family in FAMILIES[kind]:
                 ratios = [p / b for p, b in zip(per_round[family], base_s)]
                 extra_ms = [1000 * (p - b) for p, b in zip(per_round[family], base_s)]
+                cpu_ratios = [p / b for p, b in zip(cpu_round[family], base_c)]
                 rows.append({
                     "model": kind, "family": family, "latent": latent_side, "image_tokens": n_img,
                     "text_tokens": text, "cfg": cfg, "model_calls_batch": 1 if cfg == 1.0 else 2,
@@ -222,11 +230,17 @@ def bench_models(args):
                     "overhead_pct": 100 * (statistics.median(ratios) - 1),
                     "overhead_pct_range": [100 * (min(ratios) - 1), 100 * (max(ratios) - 1)],
                     "overhead_ms": statistics.median(extra_ms),
+                    "without_cpu_s_per_step": statistics.median(base_c),
+                    "with_cpu_s_per_step": statistics.median(cpu_round[family]),
+                    "overhead_cpu_pct": 100 * (statistics.median(cpu_ratios) - 1),
+                    "overhead_cpu_pct_range": [100 * (min(cpu_ratios) - 1), 100 * (max(cpu_ratios) - 1)],
+                    "overhead_cpu_ms": statistics.median(1000 * (p - b) for p, b in zip(cpu_round[family], base_c)),
                     "first_step_s": {"without": statistics.median(first["without adapter"]),
                                      "with": statistics.median(first[family])},
                     "one_time_kv_s": info[family]["kv_s"], "kv_when": info[family]["kv_when"],
                     "apply_s": info[family]["apply_s"],
                     "per_round_s": {"without": base_s, "with": per_round[family]},
+                    "per_round_cpu_s": {"without": base_c, "with": cpu_round[family]},
                     "ipadapter_plus": IPAPLUS,
                 })
     return rows
@@ -234,16 +248,19 @@ def bench_models(args):
 
 def format_models(rows) -> str:
     head = (f"{'model':<7}{'latent':>7}{'img/txt':>10}{'cfg':>5}  {'adapter':<15}{'ip tok':>7}"
-            f"{'without s/step':>15}{'with':>10}{'overhead':>10}{'(range)':>17}{'ms/step':>9}"
-            f"{'K/V (+proj)':>13}  {'when':<13}{'apply s':>8}  IPAdapter_plus")
+            f"{'without s/step':>15}{'with':>8}{'wall +%':>9}{'(range)':>16}{'ms':>7}"
+            f"{'CPU-time +%':>13}{'(range)':>16}{'ms':>7}"
+            f"{'K/V (+proj)':>13}  {'when':<12}{'apply s':>8}  IPAdapter_plus")
     lines = [head]
     for r in rows:
         lo, hi = r["overhead_pct_range"]
+        clo, chi = r["overhead_cpu_pct_range"]
         lines.append(
             f"{r['model']:<7}{r['latent']:>7}{r['image_tokens']:>6}/{r['text_tokens']:<3}{r['cfg']:>5.1f}  "
             f"{FAMILY_NAMES[r['family']]:<15}{r['ip_tokens']:>7}{r['without_s_per_step']:>15.4f}"
-            f"{r['with_s_per_step']:>10.4f}{r['overhead_pct']:>9.1f}%{f'({lo:.1f}..{hi:.1f}%)':>17}"
-            f"{r['overhead_ms']:>9.2f}{1000 * r['one_time_kv_s']:>10.2f} ms  {r['kv_when']:<13}"
+            f"{r['with_s_per_step']:>8.4f}{r['overhead_pct']:>8.1f}%{f'({lo:.0f}..{hi:.0f}%)':>16}"
+            f"{r['overhead_ms']:>7.2f}{r['overhead_cpu_pct']:>12.1f}%{f'({clo:.0f}..{chi:.0f}%)':>16}"
+            f"{r['overhead_cpu_ms']:>7.2f}{1000 * r['one_time_kv_s']:>10.2f} ms  {r['kv_when']:<12}"
             f"{r['apply_s']:>8.3f}  n/a (no DiT support)")
     return "\n".join(lines)
 
@@ -253,35 +270,50 @@ def format_models(rows) -> str:
 # --------------------------------------------------------------------------------------------------
 def _time_ms(fn, device, reps: int, inner: int = 1) -> float:
     """Median milliseconds of one call of fn over `reps` samples of `inner` back-to-back calls."""
+    return statistics.median(_time_both(fn, device, inner)[0] for _ in range(reps))
+
+
+def _time_both(fn, device, inner: int = 1):
+    """(wall ms, CPU ms or None) of one call of fn, over `inner` back-to-back calls. CPU ms: the
+    process's CPU time (CPU devices only)."""
+    if device.type != "cuda":
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(inner):
+            fn()
+        return 1000 * (time.perf_counter() - t0) / inner, 1000 * (time.process_time() - c0) / inner
+    return _time_cuda(fn, inner), None
+
+
+def _time_cuda(fn, inner: int) -> float:
+    """CUDA events around `inner` back-to-back calls (launch overhead counts), ms per call."""
     import torch
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append(1000 * (time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / inner
 
 
 def _interleaved_ms(fns: dict, device, rounds: int, inner: int) -> dict:
-    """Per variant: median over rounds of its per-call ms, the variants' order rotating by round."""
+    """Per variant: median over rounds of its per-call ms, the variants' order rotating by round
+    (on CPU also the process's CPU ms, under "cpu")."""
     names = list(fns)
     for name in names:  # warm-up (allocator, kernels, caches)
-        _time_ms(fns[name], device, 1, 2)
+        _time_both(fns[name], device, 2)
     got = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            got[name].append(_time_ms(fns[name], device, 1, inner))
-    return {n: _spread(v) for n, v in got.items()}
+            wall, c = _time_both(fns[name], device, inner)
+            got[name].append(wall)
+            cpu[name].append(c)
+    out = {n: _spread(v) for n, v in got.items()}
+    if device.type != "cuda":
+        for n in names:
+            out[n]["cpu"] = _spread(cpu[n])
+    return out
 
 
 def _flux_pe(host_layers, torch, txt: int, side: int, head_dim: int, device):
@@ -352,7 +384,8 @@ def format_unrotate(r) -> str:
     lines = [f"pre-RoPE query, B=1, {r['image_tokens']} image rows (+{r['text_tokens']} text), {r['heads']} heads x "
              f"{r['head_dim']}, {r['dtype']}; unrotate(rope(q)) vs q: max rel error {r['unrotate_max_rel_error']:.1e}"]
     for name, s in r["ms"].items():
-        lines.append(f"  {name:<58}{s['median']:>10.3f} ms  ({s['min']:.3f}..{s['max']:.3f})")
+        cpu = f"; CPU time {s['cpu']['median']:.3f} ms" if "cpu" in s else ""
+        lines.append(f"  {name:<58}{s['median']:>10.3f} ms  ({s['min']:.3f}..{s['max']:.3f}){cpu}")
     lines.append(f"  recompute q / unrotate: {r['recompute_q_over_unrotate']:.1f}x")
     return "\n".join(lines)
 
@@ -522,6 +555,10 @@ def bench_blocks(args, device, dtype):
                             # within each round (the variants ran next to each other), then the median
                             "overhead_ms": {b: _per_round(ms, b, lambda p, u: p - u) for b in ok},
                             "overhead_pct": {b: _per_round(ms, b, lambda p, u: 100 * (p / u - 1)) for b in ok},
+                            "overhead_cpu_ms": {b: _per_round(ms, b, lambda p, u: p - u, cpu=True) for b in ok}
+                            if device.type != "cuda" else None,
+                            "overhead_cpu_pct": {b: _per_round(ms, b, lambda p, u: 100 * (p / u - 1), cpu=True)
+                                                 for b in ok} if device.type != "cuda" else None,
                             "term_rel_change": term_rel, "errors": errors, "kv_layer_cold_ms": kv_ms,
                             "projection_ms": proj_ms})
             except Exception as e:  # noqa: BLE001
@@ -531,8 +568,9 @@ def bench_blocks(args, device, dtype):
     return out, full_model_estimate(out, backends), failed
 
 
-def _per_round(ms, backend, f):
-    pairs = zip(ms[f"patched ({backend})"]["samples"], ms["unpatched"]["samples"])
+def _per_round(ms, backend, f, cpu=False):
+    pick = (lambda m: m["cpu"]["samples"]) if cpu else (lambda m: m["samples"])
+    pairs = zip(pick(ms[f"patched ({backend})"]), pick(ms["unpatched"]))
     return statistics.median(f(p, u) for p, u in pairs)
 
 
@@ -575,8 +613,13 @@ def format_blocks(rows, est) -> str:
     lines = [f"{'block':<13}{'adapter':<16}{'B':>2}{'img+txt':>11}{'ip':>5}{'unpatched ms':>14}  "
              f"patched ms per backend (overhead)   K/V cold ms"]
     for r in rows:
-        parts = [f"{b} {r['ms'][f'patched ({b})']['median']:.3f} ({r['overhead_ms'][b]:+.3f} ms, "
-                 f"{r['overhead_pct'][b]:+.1f}%)" for b in r["overhead_ms"]]
+        parts = []
+        for b in r["overhead_ms"]:
+            part = (f"{b} {r['ms'][f'patched ({b})']['median']:.3f} ({r['overhead_ms'][b]:+.3f} ms, "
+                    f"{r['overhead_pct'][b]:+.1f}%")
+            if r.get("overhead_cpu_ms"):
+                part += f"; CPU time {r['overhead_cpu_ms'][b]:+.3f} ms, {r['overhead_cpu_pct'][b]:+.1f}%"
+            parts.append(part + ")")
         parts += [f"{b} failed" for b in r["errors"]]
         lines.append(f"{r['model'] + ' ' + r['block']:<13}{FAMILY_NAMES[r['family']]:<16}{r['batch']:>2}"
                      f"{r['image_tokens']:>6}+{r['text_tokens']:<4}{r['ip_tokens']:>5}"

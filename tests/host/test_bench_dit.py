@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 MODEL_FIELDS = {"model", "family", "latent", "image_tokens", "text_tokens", "cfg", "ip_tokens", "hidden", "layers",
                 "without_s_per_step", "with_s_per_step", "overhead_pct", "overhead_pct_range", "overhead_ms",
-                "first_step_s", "one_time_kv_s", "kv_when", "apply_s", "per_round_s", "ipadapter_plus"}
+                "first_step_s", "one_time_kv_s", "kv_when", "apply_s", "per_round_s", "ipadapter_plus",
+                "without_cpu_s_per_step", "with_cpu_s_per_step", "overhead_cpu_pct", "overhead_cpu_ms",
+                "overhead_cpu_pct_range", "per_round_cpu_s"}
 BLOCK_FIELDS = {"model", "block", "family", "hidden", "heads", "head_dim", "batch", "image_tokens", "text_tokens",
-                "ip_tokens", "dtype", "ms", "overhead_ms", "overhead_pct", "term_rel_change", "errors",
+                "ip_tokens", "dtype", "ms", "overhead_ms", "overhead_pct", "overhead_cpu_ms", "overhead_cpu_pct",
+                "term_rel_change", "errors",
                 "kv_layer_cold_ms", "projection_ms"}
 
 
@@ -65,7 +68,8 @@ def test_quick_run_writes_every_part(host, tmp_path, capsys):
     for b in blocks:
         assert BLOCK_FIELDS <= b.keys(), BLOCK_FIELDS - b.keys()
         assert not b["errors"], b["errors"]
-        assert set(b["overhead_ms"]) == {"torch", "auto"}
+        assert set(b["overhead_ms"]) == set(b["overhead_cpu_ms"]) == {"torch", "auto"}
+        assert all(v["cpu"]["median"] > 0 for v in b["ms"].values())  # CPU time, taken beside wall time
         for backend, rel in b["term_rel_change"].items():  # the patch really adds a term
             assert rel > 1e-3, (b["family"], b["block"], backend, rel)
     assert blocks[-1]["projection_ms"] is not None  # SD3.5: its resampler, timed on its own
