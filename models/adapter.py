@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from torch import nn
 from .families import AdapterSpec, _as_groups, detect_family
 from .loading import AdapterFormatError, _example_list, load_adapter_state, read_safetensors_header
 from .projections import build_projection
+
+if TYPE_CHECKING:
+    from .dit_adapter import DiTAdapterWeights
 
 __all__ = ["IPAdapterWeights", "load_adapter_file"]
 
@@ -50,6 +53,34 @@ def _check_finite(flat: Mapping[str, torch.Tensor]) -> None:
             "(or was saved from a diverged training run) — download it again")
 
 
+def adopt_state(module: nn.Module, flat: Mapping[str, torch.Tensor], family: str) -> nn.Module:
+    """Load `flat` into a module built on the meta device, strictly, after the NaN/inf check;
+    the checkpoint tensors become the parameters (no second copy). Files that mix float dtypes
+    are brought to float32 so the projection runs in one dtype."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in flat]
+    unexpected = [k for k in flat if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_example_list(missing, 4)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_example_list(unexpected, 4)}")
+        raise AdapterFormatError(f"cannot load this {family}: " + "; ".join(parts))
+
+    _check_finite(flat)
+    dtypes = {t.dtype for t in flat.values()}
+    target = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    # assign=True adopts these tensors as the parameters; they must be contiguous for
+    # the host's device moves, and .to/.contiguous copy only when something changes.
+    flat = {k: t.to(dtype=target).contiguous() for k, t in flat.items()}
+    try:
+        module.load_state_dict(flat, strict=True, assign=True)
+    except RuntimeError as e:  # shapes were checked by detection; this is a last guard
+        raise AdapterFormatError(f"cannot load this {family}: {e}") from e
+    return module.requires_grad_(False)
+
+
 class IPAdapterWeights(nn.Module):
     """Projection network + per-layer K/V weights of one adapter.
 
@@ -82,28 +113,7 @@ class IPAdapterWeights(nn.Module):
         # Built on the meta device: the real storage comes from the checkpoint via assign.
         with torch.device("meta"):
             module = cls(spec)
-        own = module.state_dict()
-        missing = [k for k in own if k not in flat]
-        unexpected = [k for k in flat if k not in own]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {_example_list(missing, 4)}")
-            if unexpected:
-                parts.append(f"unexpected keys {_example_list(unexpected, 4)}")
-            raise AdapterFormatError(f"cannot load this {spec.family_name}: " + "; ".join(parts))
-
-        _check_finite(flat)
-        dtypes = {t.dtype for t in flat.values()}
-        target = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        # assign=True adopts these tensors as the parameters; they must be contiguous for
-        # the host's device moves, and .to/.contiguous copy only when something changes.
-        flat = {k: t.to(dtype=target).contiguous() for k, t in flat.items()}
-        try:
-            module.load_state_dict(flat, strict=True, assign=True)
-        except RuntimeError as e:  # shapes were checked by detection; this is a last guard
-            raise AdapterFormatError(f"cannot load this {spec.family_name}: {e}") from e
-        return module.requires_grad_(False)
+        return adopt_state(module, flat, spec.family_name)
 
     # -- use ----------------------------------------------------------------------------
 

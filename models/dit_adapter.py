@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import _check_finite
+from .adapter import adopt_state
 from .dit_families import describe_dit, detect_dit_spec_and_state
 from .dit_projections import build_dit_projection
 from .families import AdapterSpec
-from .loading import AdapterFormatError, _example_list
 
 __all__ = ["DiTAdapterWeights", "Projected", "FLUX_K_NORM_EPS", "SD3_NORM_EPS", "SD3_ADALN_EPS"]
 
@@ -107,22 +106,7 @@ class DiTAdapterWeights(nn.Module):
         spec, flat = detect_dit_spec_and_state(state)
         with torch.device("meta"):
             module = cls(spec)
-        own = module.state_dict()
-        missing = [k for k in own if k not in flat]
-        unexpected = [k for k in flat if k not in own]
-        if missing or unexpected:
-            parts = ([f"missing keys {_example_list(missing, 4)}"] if missing else []) + (
-                [f"unexpected keys {_example_list(unexpected, 4)}"] if unexpected else [])
-            raise AdapterFormatError(f"cannot load this {describe_dit(spec)}: " + "; ".join(parts))
-        _check_finite(flat)
-        dtypes = {t.dtype for t in flat.values()}
-        target = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        flat = {k: t.to(dtype=target).contiguous() for k, t in flat.items()}
-        try:
-            module.load_state_dict(flat, strict=True, assign=True)
-        except RuntimeError as e:  # shapes were checked by detection; this is a last guard
-            raise AdapterFormatError(f"cannot load this {describe_dit(spec)}: {e}") from e
-        return module.requires_grad_(False)
+        return adopt_state(module, flat, describe_dit(spec))
 
     # -- use ----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from .families import HEAD_DIM, AdapterSpec
+from .families import HEAD_DIM, AdapterSpec, check_layout
 from .loading import AdapterFormatError, _example_list, flatten_state
 
 __all__ = [
@@ -331,26 +331,7 @@ def with_dit_blocks(spec: AdapterSpec, double_blocks: int, single_blocks: int = 
 
 
 def _check_canonical(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
-    want = expected_dit_shapes(spec)
-    missing = [k for k in want if k not in flat]
-    unexpected = [k for k in flat if k not in want]
-    wrong = [(k, tuple(flat[k].shape), want[k]) for k in want if k in flat and tuple(flat[k].shape) != want[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {_example_list(missing, 4)}")
-    if unexpected:
-        problems.append(f"unexpected {_example_list(unexpected, 4)}")
-    if wrong:
-        problems.append("wrong shapes: " + ", ".join(f"{k} is {s}, expected {w}" for k, s, w in wrong[:4])
-                        + (f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""))
-    if problems:
-        raise AdapterFormatError(
-            f"the file looks like a {DIT_FAMILY_NAMES[spec.injection]} but does not match that layout: "
-            + "; ".join(problems) + ". The file is damaged or a variant this pack does not know.")
-    not_float = [k for k, t in flat.items() if not t.is_floating_point()]
-    if not_float:
-        raise AdapterFormatError(f"weights {_example_list(not_float, 3)} are of type {flat[not_float[0]].dtype}; "
-                                 "expected floating-point weights")
+    check_layout(flat, expected_dit_shapes(spec), f"a {DIT_FAMILY_NAMES[spec.injection]}")
 
 
 def _detect_xlabs(flat) -> AdapterSpec:

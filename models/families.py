@@ -382,8 +382,9 @@ def _detect_layout(ip: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def _check_against(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
-    want = expected_shapes(spec)
+def check_layout(flat: Mapping[str, torch.Tensor], want: Mapping[str, tuple], family: str) -> None:
+    """Every key of `want` present with its shape, nothing else, all floating point; else an
+    AdapterFormatError naming the keys (shared by every family's detection)."""
     missing = [k for k in want if k not in flat]
     unexpected = [k for k in flat if k not in want]
     wrong = [(k, tuple(flat[k].shape), want[k]) for k in want if k in flat and tuple(flat[k].shape) != want[k]]
@@ -397,7 +398,7 @@ def _check_against(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
                         + (f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""))
     if problems:
         raise AdapterFormatError(
-            f"the file looks like an {spec.family_name} but does not match that layout: "
+            f"the file looks like {family} but does not match that layout: "
             + "; ".join(problems) + ". The file is damaged or a variant this pack does not know."
         )
     not_float = [k for k, t in flat.items() if not t.is_floating_point()]
@@ -406,6 +407,10 @@ def _check_against(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
             f"weights {_example_list(not_float, 3)} are of type {flat[not_float[0]].dtype}; "
             "expected floating-point weights"
         )
+
+
+def _check_against(flat: Mapping[str, torch.Tensor], spec: AdapterSpec) -> None:
+    check_layout(flat, expected_shapes(spec), f"an {spec.family_name}")
 
 
 def _as_groups(state: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:

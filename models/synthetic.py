@@ -120,12 +120,9 @@ def nest_state(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tenso
     return out
 
 
-def save_synthetic_adapter(path, layout: str, layer_dims, context_dim: int, encoder_width: int,
-                           *, nested: bool = True, **kwargs) -> dict[str, torch.Tensor]:
-    """Write a synthetic adapter: .safetensors with flat keys, or a torch pickle
-    (.bin/.pt/.pth) nested like the published files (flat with nested=False).
-    Returns the flat state that was written."""
-    state = synthetic_adapter_state(layout, layer_dims, context_dim, encoder_width, **kwargs)
+def write_state(path, state: dict[str, torch.Tensor], nested: bool = True) -> dict[str, torch.Tensor]:
+    """.safetensors with flat keys, or a torch pickle (.bin/.pt/.pth) nested like the published
+    files (flat with nested=False). Returns `state`."""
     path = os.fspath(path)
     if path.lower().endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -134,6 +131,15 @@ def save_synthetic_adapter(path, layout: str, layer_dims, context_dim: int, enco
     else:
         torch.save(nest_state(state) if nested else state, path)
     return state
+
+
+def save_synthetic_adapter(path, layout: str, layer_dims, context_dim: int, encoder_width: int,
+                           *, nested: bool = True, **kwargs) -> dict[str, torch.Tensor]:
+    """Write a synthetic adapter: .safetensors with flat keys, or a torch pickle
+    (.bin/.pt/.pth) nested like the published files (flat with nested=False).
+    Returns the flat state that was written."""
+    state = synthetic_adapter_state(layout, layer_dims, context_dim, encoder_width, **kwargs)
+    return write_state(path, state, nested)
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,14 +171,7 @@ def save_synthetic_mip_adapter(path, layout: str = "base", *, nested: bool = Tru
     """Write a synthetic MIP-Adapter: a torch pickle nested like the published .bin files
     (flat with nested=False), or .safetensors with flat keys. Returns the flat state written."""
     state = synthetic_mip_state(layout, **kwargs)
-    path = os.fspath(path)
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(state, path)
-    else:
-        torch.save(nest_state(state) if nested else state, path)
-    return state
+    return write_state(path, state, nested)
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,11 +295,4 @@ def save_synthetic_dit_adapter(path, family: str, layout: Optional[str] = None, 
     nested by first key component like the published .bin files (flat with nested=False).
     Returns the flat state that was written."""
     state = synthetic_dit_adapter_state(family, layout, **kwargs)
-    path = os.fspath(path)
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(state, path)
-    else:
-        torch.save(nest_state(state) if nested else state, path)
-    return state
+    return write_state(path, state, nested)

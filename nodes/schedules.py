@@ -82,6 +82,15 @@ def _table(weight_type: str, w: float, wc: float, sdxl: bool) -> dict[int, float
     return None
 
 
+# Factor of layer t of n for the depth ramps (the established pack's formulas).
+_RAMPS = {
+    "ease in": lambda t, n: 0.05 + 0.95 * (1 - t / n),
+    "ease out": lambda t, n: 0.05 + 0.95 * (t / n),
+    "ease in-out": lambda t, n: 0.05 + 0.95 * (1 - abs(t - n / 2) / (n / 2)),
+    "reverse in-out": lambda t, n: 0.05 + 0.95 * (abs(t - n / 2) / (n / 2)),
+}
+
+
 def parse_layer_weights(text: str, n_transformers: int) -> dict[int, float]:
     """'0:1.0, 6:0.5' (transformer index: factor) or a plain list '1.0, 0.5, ...'."""
     text = (text or "").strip()
@@ -127,7 +136,6 @@ def resolve_site_weights(
         raise ValueError(f"unknown weight_type {weight_type!r}; choose one of: {', '.join(WEIGHT_TYPES)}")
     n = 1 + max(s.transformer_index for s in sites)
     sdxl = n == _SDXL_TRANSFORMERS
-    half = n / 2
 
     table = _table(weight_type, weight, weight_composition, sdxl)
     if layer_weights and layer_weights.strip():
@@ -150,14 +158,8 @@ def resolve_site_weights(
                 swap = t in comp_layers
             elif weight_type == "composition precise":
                 swap = t not in comp_layers
-        elif weight_type == "ease in":
-            w = weight * (0.05 + 0.95 * (1 - t / n))
-        elif weight_type == "ease out":
-            w = weight * (0.05 + 0.95 * (t / n))
-        elif weight_type == "ease in-out":
-            w = weight * (0.05 + 0.95 * (1 - abs(t - half) / half))
-        elif weight_type == "reverse in-out":
-            w = weight * (0.05 + 0.95 * (abs(t - half) / half))
+        elif weight_type in _RAMPS:
+            w = weight * _RAMPS[weight_type](t, n)
         elif weight_type == "weak input" and s.block == "input":
             w = weight * 0.2
         elif weight_type == "weak middle" and s.block == "middle":
@@ -242,7 +244,6 @@ def resolve_dit_weights(layer_sites: Sequence[Site], blocks: Sequence[Site], wei
     custom = None
     if (layer_weights and layer_weights.strip()) or weight_type == "custom":
         custom = parse_dit_layer_weights(layer_weights, blocks)
-    half = n / 2
     out = []
     for s in layer_sites:
         t = s.transformer_index
@@ -250,14 +251,8 @@ def resolve_dit_weights(layer_sites: Sequence[Site], blocks: Sequence[Site], wei
         w = weight
         if custom is not None:
             w = weight * custom.get(t, 0.0)
-        elif weight_type == "ease in":
-            w = weight * (0.05 + 0.95 * (1 - t / n))
-        elif weight_type == "ease out":
-            w = weight * (0.05 + 0.95 * (t / n))
-        elif weight_type == "ease in-out":
-            w = weight * (0.05 + 0.95 * (1 - abs(t - half) / half))
-        elif weight_type == "reverse in-out":
-            w = weight * (0.05 + 0.95 * (abs(t - half) / half))
+        elif weight_type in _RAMPS:
+            w = weight * _RAMPS[weight_type](t, n)
         elif (weight_type, third) in (("weak input", 0), ("weak middle", 1), ("weak output", 2),
                                       ("strong middle", 0), ("strong middle", 2)):
             w = weight * 0.2
