@@ -577,12 +577,16 @@ def _per_round(ms, backend, f, cpu=False):
 def full_model_estimate(rows, backends) -> dict:
     """Per-step estimate for FLUX.1-dev (19 double + 38 single blocks) and SD3.5-Large (38 joint) from
     one block of each kind: the blocks only (embedders and final layer left out)."""
+    # on CPU the process's CPU time (steadier on shared cores), on a GPU the events' time
+    cpu = bool(rows) and all(r.get("overhead_cpu_ms") for r in rows)
+    key = "overhead_cpu_ms" if cpu else "overhead_ms"
+    rows = [dict(r, overhead_ms=r[key]) for r in rows]
     by = {(r["family"], r["block"]): r for r in rows}
     backends = [b for b in backends if all(b in r["overhead_ms"] for r in rows)]
     n_dbl, n_sgl, n_joint = FULL_MODEL["double"], FULL_MODEL["single"], FULL_MODEL["joint"]
 
     def unpatched(row):
-        return row["ms"]["unpatched"]["median"]
+        return row["ms"]["unpatched"]["cpu"]["median"] if cpu else row["ms"]["unpatched"]["median"]
 
     est = {}
     dbl = by.get(("xlabs", "double")) or by.get(("instantx-flux", "double"))
@@ -597,7 +601,8 @@ def full_model_estimate(rows, backends) -> dict:
                 terms["flux instantx"] = (n_dbl * by[("instantx-flux", "double")]["overhead_ms"][b]
                                           + n_sgl * sgl["overhead_ms"][b])
             for name, x in terms.items():
-                est[f"{name} ({b})"] = {"blocks_ms": base, "overhead_ms": x, "overhead_pct": 100 * x / base}
+                est[f"{name} ({b})"] = {"blocks_ms": base, "overhead_ms": x, "overhead_pct": 100 * x / base,
+                                        "basis": "CPU time" if cpu else "wall"}
         j = by.get(("instantx-sd3", "joint"))
         if j:
             # The patched joint block computes its layer's K/V on every call (they change with the step);
@@ -605,7 +610,8 @@ def full_model_estimate(rows, backends) -> dict:
             base = n_joint * unpatched(j)
             x = n_joint * j["overhead_ms"][b] + (j["projection_ms"] or 0.0)
             est[f"sd3.5-large instantx ({b})"] = {"blocks_ms": base, "overhead_ms": x, "overhead_pct": 100 * x / base,
-                                                  "of_which_resampler_ms": j["projection_ms"]}
+                                                  "of_which_resampler_ms": j["projection_ms"],
+                                                  "basis": "CPU time" if cpu else "wall"}
     return est
 
 
@@ -628,7 +634,7 @@ def format_blocks(rows, est) -> str:
             lines.append(f"    backend {b}: {e}")
     for name, e in est.items():
         lines.append(f"  x19 double + 38 single (Flux) / x38 joint (SD3.5-L), {name}: blocks {e['blocks_ms']:.1f} "
-                     f"ms/step, image prompt {e['overhead_ms']:+.2f} ms ({e['overhead_pct']:+.2f}%)")
+                     f"ms/step, image prompt {e['overhead_ms']:+.2f} ms ({e['overhead_pct']:+.2f}%, {e['basis']})")
     return "\n".join(lines)
 
 
