@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from .families import HEAD_DIM, AdapterSpec, check_layout
+from .families import HEAD_DIM, AdapterSpec, check_layout, resampler_layer_shapes
 from .loading import AdapterFormatError, _example_list, flatten_state
 
 __all__ = [
@@ -205,17 +205,8 @@ def expected_dit_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
                     p + "time_embedding.linear_1.weight": (d, ti), p + "time_embedding.linear_1.bias": (d,),
                     p + "time_embedding.linear_2.weight": (d, d), p + "time_embedding.linear_2.bias": (d,)})
         for i in range(spec.resampler_depth):
-            a, ff, ada = f"{p}layers.{i}.0.", f"{p}layers.{i}.1.", f"{p}layers.{i}.2.1."
-            for norm in ("norm1", "norm2"):
-                out[a + norm + ".weight"] = (d,)
-                out[a + norm + ".bias"] = (d,)
-            out[a + "to_q.weight"] = (inner, d)
-            out[a + "to_kv.weight"] = (2 * inner, d)
-            out[a + "to_out.weight"] = (d, inner)
-            out[ff + "0.weight"] = (d,)
-            out[ff + "0.bias"] = (d,)
-            out[ff + "1.weight"] = (f, d)
-            out[ff + "3.weight"] = (d, f)
+            ada = f"{p}layers.{i}.2.1."
+            out.update(resampler_layer_shapes(f"{p}layers.{i}.", d, inner, f))
             out[ada + "weight"] = (4 * d, d)
             out[ada + "bias"] = (4 * d,)
         hd = spec.ip_head_dim

@@ -111,6 +111,15 @@ class AdapterSpec:
         return text
 
 
+def resampler_layer_shapes(prefix: str, d: int, inner: int, ff: int) -> dict[str, tuple[int, ...]]:
+    """One perceiver layer of a Plus-type resampler: attention (`0.`) and feed-forward (`1.`)."""
+    a, f = prefix + "0.", prefix + "1."
+    out = {a + n + s: (d,) for n in ("norm1", "norm2") for s in (".weight", ".bias")}
+    out.update({a + "to_q.weight": (inner, d), a + "to_kv.weight": (2 * inner, d), a + "to_out.weight": (d, inner),
+                f + "0.weight": (d,), f + "0.bias": (d,), f + "1.weight": (ff, d), f + "3.weight": (d, ff)})
+    return out
+
+
 def expected_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
     """Flat key -> shape of every tensor a checkpoint of this spec holds, no more, no less.
     DiT specs: the canonical keys of models/dit_families.py."""
@@ -144,17 +153,7 @@ def expected_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
         out[p + "norm_out.weight"] = (c,)
         out[p + "norm_out.bias"] = (c,)
         for i in range(spec.resampler_depth):
-            a, ff = f"{p}layers.{i}.0.", f"{p}layers.{i}.1."
-            for norm in ("norm1", "norm2"):
-                out[a + norm + ".weight"] = (d,)
-                out[a + norm + ".bias"] = (d,)
-            out[a + "to_q.weight"] = (inner, d)
-            out[a + "to_kv.weight"] = (2 * inner, d)
-            out[a + "to_out.weight"] = (d, inner)
-            out[ff + "0.weight"] = (d,)
-            out[ff + "0.bias"] = (d,)
-            out[ff + "1.weight"] = (f, d)
-            out[ff + "3.weight"] = (d, f)
+            out.update(resampler_layer_shapes(f"{p}layers.{i}.", d, inner, f))
     else:
         raise ValueError(f"unknown layout {spec.layout!r}; expected one of {LAYOUTS}")
     for i, w in enumerate(spec.layer_dims):
