@@ -96,7 +96,10 @@ class MergedPrompt(ImagePrompt):
             terms.append(decoupled_attention(q, None, None, [ctx], heads, "blc", backend, attention_fn))
         if self.routing == "masks":
             lh, lw = extra_options["original_shape"][2:]
-            grid = mask_to_tokens(self.object_masks.to(q.device), lh, lw, q.shape[1])  # (N, Lq)
+            key = ("object_masks", lh, lw, q.shape[1], q.device)
+            grid = self._cache.get(key)
+            if grid is None:  # once per run and layer resolution
+                grid = self._cache[key] = mask_to_tokens(self.object_masks.to(q.device), lh, lw, q.shape[1])
             return mask_routed_merge(terms, [g[None] for g in grid], self.object_weights)
         maps = [entity_attention_map(q, k.index_select(0, rows), heads) for k in self._entity_k(layer, q.device, q.dtype)]
         if self.gated:
