@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from .apply import MIDDLE_BLOCK, apply_adapter
+from .auto_select import AUTO_CLIP_VISION, resolve_clip_vision
 from .clip_vision import IPAdapterFusedClipVisionLoader
 from .encode import COMBINE_METHODS
-from .loaders import FOLDER, load_adapter, load_clip_vision
+from .loaders import FOLDER, load_adapter
 from .schedules import EMBEDS_SCALING, WEIGHT_TYPES
+from .unified_loader import IPAdapterFusedUnifiedLoader
 
 CATEGORY = "ipadapter_fused"
 ADAPTER_TYPE = "IPADAPTER_FUSED"
@@ -126,7 +128,8 @@ class IPAdapterFusedApply:
 
 
 class IPAdapterFusedSimple:
-    DESCRIPTION = "All in one: loads the adapter and the CLIP vision model by name and applies the image prompt."
+    DESCRIPTION = ("All in one: loads the adapter and the CLIP vision model (by default the one whose contents fit "
+                   "the adapter) and applies the image prompt.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -137,13 +140,16 @@ class IPAdapterFusedSimple:
             "model": ("MODEL", {"tooltip": "The model to add the image prompt to (SD1.5, SDXL, Flux, Chroma or SD3.5)."}),
             "image": ("IMAGE", {"tooltip": "Reference image(s); several are concatenated."}),
             "ipadapter_file": (_files(FOLDER), {"tooltip": "An IP-Adapter file from models/ipadapter."}),
-            "clip_vision_file": (_files("clip_vision"), {"tooltip": "The CLIP vision model the adapter needs, from models/clip_vision."}),
+            "clip_vision_file": ([AUTO_CLIP_VISION] + _files("clip_vision"), {"default": AUTO_CLIP_VISION,
+                                 "tooltip": "The CLIP vision model the adapter needs, from models/clip_vision. 'auto' "
+                                            "picks the file whose contents give what the adapter reads (kind and "
+                                            "width, read from the file's header); a file name overrides that."}),
             **_common_widgets(),
         }}
 
     def apply(self, model, image, ipadapter_file, clip_vision_file, weight, weight_type, start_at, end_at):
         adapter = load_adapter(ipadapter_file)
-        clip_vision = load_clip_vision(clip_vision_file)
+        clip_vision = resolve_clip_vision(adapter.spec, clip_vision_file)
         return (apply_adapter(model, adapter, clip_vision, image, weight, weight_type, start_at, end_at),)
 
 
@@ -152,6 +158,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAdapterFusedApply": IPAdapterFusedApply,
     "IPAdapterFusedSimple": IPAdapterFusedSimple,
     "IPAdapterFusedClipVisionLoader": IPAdapterFusedClipVisionLoader,
+    "IPAdapterFusedUnifiedLoader": IPAdapterFusedUnifiedLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -159,6 +166,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAdapterFusedApply": "Apply IPAdapter (Fused)",
     "IPAdapterFusedSimple": "IPAdapter (Fused, all-in-one)",
     "IPAdapterFusedClipVisionLoader": "IPAdapter CLIP Vision Loader (Fused)",
+    "IPAdapterFusedUnifiedLoader": "IPAdapter Unified Loader (Fused)",
 }
 
 # Scene composition nodes (regions, several references merged per position) live in region_nodes.py.

@@ -16,10 +16,15 @@ EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 
 
 def register_folder() -> None:
-    """Add models/ipadapter to the host's search paths, keeping any extra_model_paths.yaml entries."""
+    """Add models/ipadapter to the host's search paths (creating the folder when it is missing), keeping any
+    extra_model_paths.yaml entries."""
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
+    try:  # so the user finds where adapters go; a read-only install still works with extra_model_paths.yaml
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass
     known = folder_paths.folder_names_and_paths.get(FOLDER)
     if known is None:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], EXTENSIONS)

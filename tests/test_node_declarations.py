@@ -50,9 +50,9 @@ def test_weight_types_cover_the_established_list(nodes):
     assert all(w in choices for w in established) and "custom" in choices
 
 
-def _fake_folder_paths(monkeypatch, known):
+def _fake_folder_paths(monkeypatch, known, models_dir="/models"):
     fake = types.ModuleType("folder_paths")
-    fake.models_dir = "/models"
+    fake.models_dir = models_dir
     fake.folder_names_and_paths = dict(known)
 
     def add_model_folder_path(name, path, is_default=False):
@@ -65,16 +65,28 @@ def _fake_folder_paths(monkeypatch, known):
     return fake
 
 
-def test_folder_registration_keeps_user_paths(monkeypatch):
+def test_folder_registration_keeps_user_paths(monkeypatch, tmp_path):
     from ipadapter_fused.nodes.loaders import register_folder
 
-    fake = _fake_folder_paths(monkeypatch, {"ipadapter": (["/shared/ipadapter"], {".safetensors"})})
+    models = tmp_path / "models"
+    fake = _fake_folder_paths(monkeypatch, {"ipadapter": (["/shared/ipadapter"], {".safetensors"})}, str(models))
     register_folder()
     paths, exts = fake.folder_names_and_paths["ipadapter"]
-    assert paths == ["/shared/ipadapter", "/models/ipadapter"]
+    assert paths == ["/shared/ipadapter", str(models / "ipadapter")]
     assert {".safetensors", ".bin"} <= set(exts)
+    assert (models / "ipadapter").is_dir()  # created at startup, where the user looks for it
 
-    fake = _fake_folder_paths(monkeypatch, {})
+    fake = _fake_folder_paths(monkeypatch, {}, str(models))
     register_folder()
     register_folder()  # loading twice adds nothing
-    assert fake.folder_names_and_paths["ipadapter"][0] == ["/models/ipadapter"]
+    assert fake.folder_names_and_paths["ipadapter"][0] == [str(models / "ipadapter")]
+
+
+def test_folder_registration_survives_a_read_only_models_dir(monkeypatch, tmp_path):
+    from ipadapter_fused.nodes.loaders import register_folder
+
+    blocker = tmp_path / "models"
+    blocker.write_text("a file where the models folder would be")  # makedirs fails as on a read-only install
+    fake = _fake_folder_paths(monkeypatch, {"ipadapter": (["/shared/ipadapter"], {".safetensors"})}, str(blocker))
+    register_folder()
+    assert fake.folder_names_and_paths["ipadapter"][0] == ["/shared/ipadapter", str(blocker / "ipadapter")]
