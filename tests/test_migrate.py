@@ -1,0 +1,436 @@
+"""tools/ipaf_runner/migrate.py: workflows written in ComfyUI_IPAdapter_plus's format, built from that
+pack's own node declarations (its IPAdapterPlus.py imported with ComfyUI stubbed out), converted to
+this pack's nodes: node types, widget values by name, links by slot name, and the report."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from ipaf_runner import migrate as mig  # noqa: E402
+from ipaf_runner.convert import map_widget_values, widget_inputs  # noqa: E402
+
+PLUS_ENV = "IPADAPTER_PLUS_PATH"
+PLUS_DEFAULT = ROOT.parent / "shared" / "host" / "ComfyUI_IPAdapter_plus"
+COMPAT = "skip (IPAdapter_plus compatible)"
+
+# That pack's nodes most used in shared workflows (loaders, apply nodes, helpers); each must either
+# convert or be named in the report.
+MOST_USED = ["IPAdapterUnifiedLoader", "IPAdapterModelLoader", "IPAdapterAdvanced", "IPAdapter", "IPAdapterBatch",
+             "IPAdapterStyleComposition", "IPAdapterMS", "PrepImageForClipVision", "IPAdapterEncoder",
+             "IPAdapterEmbeds", "IPAdapterCombineEmbeds", "IPAdapterRegionalConditioning", "IPAdapterCombineParams",
+             "IPAdapterFromParams", "IPAdapterNoise", "IPAdapterInsightFaceLoader", "IPAdapterUnifiedLoaderFaceID",
+             "IPAdapterFaceID", "IPAdapterTiled", "IPAdapterPreciseStyleTransfer", "IPAdapterPreciseComposition"]
+
+
+def _plus_path():
+    env = os.environ.get(PLUS_ENV)
+    path = Path(env) if env else PLUS_DEFAULT
+    return path if (path / "IPAdapterPlus.py").is_file() else None
+
+
+def _stub(name, **attrs):
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    return m
+
+
+@pytest.fixture(scope="module")
+def plus():
+    """ComfyUI_IPAdapter_plus's NODE_CLASS_MAPPINGS, its ComfyUI imports stubbed for the import only."""
+    path = _plus_path()
+    if path is None:
+        pytest.skip(f"ComfyUI_IPAdapter_plus not found (set ${PLUS_ENV})")
+    pytest.importorskip("einops")
+    nothing = lambda *a, **k: None  # noqa: E731
+    stubs = {
+        "folder_paths": _stub("folder_paths", folder_names_and_paths={}, models_dir="/nonexistent",
+                              supported_pt_extensions={".safetensors"},
+                              get_filename_list=lambda folder: [f"example.{folder}.safetensors", f"b.{folder}.bin"],
+                              get_input_directory=lambda: str(ROOT / "tests")),
+        "comfy": _stub("comfy"), "comfy.model_management": _stub("comfy.model_management"),
+        "comfy.clip_vision": _stub("comfy.clip_vision", load=nothing, clip_preprocess=nothing, Output=dict),
+        "comfy.sd": _stub("comfy.sd", load_lora_for_models=nothing), "comfy.utils": _stub("comfy.utils"),
+        "comfy.ldm": _stub("comfy.ldm"), "comfy.ldm.modules": _stub("comfy.ldm.modules"),
+        "comfy.ldm.modules.attention": _stub("comfy.ldm.modules.attention", optimized_attention=nothing),
+        "node_helpers": _stub("node_helpers", conditioning_set_values=nothing),
+    }
+    stubs["comfy"].model_management = stubs["comfy.model_management"]
+    stubs["comfy"].utils = stubs["comfy.utils"]
+    name = "ipadapter_plus_declarations"
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module.NODE_CLASS_MAPPINGS
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+        for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[k]
+
+
+def _decl(cls):
+    return mig.declarations_from_classes({"x": cls})["x"]
+
+
+# -- workflows in that pack's format ----------------------------------------------------------------------
+
+class Workflow:
+    """A front-end workflow built the way the front end saves one: link inputs listed with their slot,
+    widget values by position in declaration order, links [id, from, slot, to, slot, type]."""
+
+    def __init__(self, decls):
+        self.decls = decls
+        self.wf = {"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "version": 0.4}
+
+    def add(self, ntype, values=None, decl=None):
+        decl = decl or self.decls[ntype]
+        nid = self.wf["last_node_id"] = self.wf["last_node_id"] + 1
+        widgets = widget_inputs(decl)
+        inputs = [{"name": n, "type": mig._spec_type(s), "link": None}
+                  for n, s in mig._all_inputs(decl) if n not in dict(widgets)]
+        outs = decl["output"]
+        names = decl.get("output_name") or outs
+        node = {"id": nid, "type": ntype, "pos": [10 * nid, 20], "size": [300, 100], "flags": {}, "order": nid,
+                "mode": 0, "inputs": inputs,
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                            for i, (n, t) in enumerate(zip(names, outs))],
+                "properties": {"Node name for S&R": ntype, "cnr_id": "comfyui_ipadapter_plus"},
+                "widgets_values": [(values or {}).get(n, mig._default(s)) for n, s in widgets]}
+        self.wf["nodes"].append(node)
+        return node
+
+    def link(self, src, slot, dst, name):
+        lid = self.wf["last_link_id"] = self.wf["last_link_id"] + 1
+        ins = dst["inputs"]
+        t_slot = next(i for i, x in enumerate(ins) if x["name"] == name)
+        ltype = src["outputs"][slot]["type"]
+        ins[t_slot]["link"] = lid
+        src["outputs"][slot]["links"].append(lid)
+        self.wf["links"].append([lid, src["id"], slot, dst["id"], t_slot, ltype])
+        return lid
+
+
+HOST = {
+    "CheckpointLoaderSimple": mig._decl([("ckpt_name", [["m.safetensors"]])], None, ["MODEL", "CLIP", "VAE"]),
+    "LoadImage": mig._decl([("image", [["a.png"], {"image_upload": True}])], None, ["IMAGE", "MASK"]),
+    "CLIPVisionLoader": mig.TARGET_NODES["CLIPVisionLoader"],
+    "KSampler": mig._decl([("model", ["MODEL"]), ("seed", ["INT", {"default": 0}])], None, ["LATENT"]),
+    "Reroute": {"input": {"required": {"": ["*"]}}, "output": ["*"], "output_name": [""]},
+}
+
+
+def _nondefault(decl):
+    """A value other than the default for every widget, within its declared range."""
+    out = {}
+    for i, (name, spec) in enumerate(widget_inputs(decl)):
+        kind, opts = mig._spec_type(spec), (spec[1] if len(spec) > 1 else {})
+        if kind == "COMBO":
+            choices = mig._choices(spec)
+            d = mig._default(spec)
+            out[name] = next((c for c in choices[1:] if c != d), d) if choices else d
+        elif kind == "FLOAT":
+            v = round(opts.get("default", 0.0) + opts.get("step", 0.05) * (i + 2), 4)
+            out[name] = min(v, opts.get("max", v))
+        elif kind == "INT":
+            out[name] = opts.get("default", 0) + 1
+        elif kind == "BOOLEAN":
+            out[name] = not opts.get("default", False)
+        elif kind == "STRING":
+            out[name] = "3:0.5, 6:1.25"
+    return out
+
+
+def _build_apply(plus, apply_type, values, loader="IPAdapterModelLoader", clip_vision=True):
+    decls = {k: _decl(v) for k, v in plus.items()}
+    decls.update(HOST)
+    w = Workflow(decls)
+    ckpt = w.add("CheckpointLoaderSimple")
+    image = w.add("LoadImage")
+    if loader == "IPAdapterUnifiedLoader":
+        ld = w.add(loader, {"preset": "PLUS (high strength)"})
+        w.link(ckpt, 0, ld, "model")
+        model_src, ipa_slot = ld, 1
+    else:
+        ld = w.add(loader, {"ipadapter_file": "b.ipadapter.bin"})
+        model_src, ipa_slot = ckpt, 0
+    ap = w.add(apply_type, values)
+    w.link(model_src, 0, ap, "model")
+    w.link(ld, ipa_slot, ap, "ipadapter")
+    for name in ("image", "image_style", "image_composition"):
+        if any(i["name"] == name for i in ap["inputs"]):
+            w.link(image, 0, ap, name)
+    if any(i["name"] == "attn_mask" for i in ap["inputs"]):
+        w.link(image, 1, ap, "attn_mask")
+    cv = None
+    if clip_vision and any(i["name"] == "clip_vision" for i in ap["inputs"]):
+        cv = w.add("CLIPVisionLoader", {"clip_name": "vit-h.safetensors"})
+        w.link(cv, 0, ap, "clip_vision")
+    ks = w.add("KSampler", {"seed": 5})
+    w.link(ap, 0, ks, "model")
+    return w, dict(ckpt=ckpt, image=image, loader=ld, apply=ap, cv=cv, ks=ks)
+
+
+def _links(wf):
+    return {row[0]: row for row in wf["links"]}
+
+
+def _node(wf, nid):
+    return next(n for n in wf["nodes"] if n["id"] == nid)
+
+
+def _check_links(wf):
+    """Every link agrees with both ends: the origin lists it in that output, the target's input at
+    that slot holds it, and the types agree."""
+    for lid, o_id, o_slot, t_id, t_slot, ltype in wf["links"]:
+        src, dst = _node(wf, o_id), _node(wf, t_id)
+        assert lid in src["outputs"][o_slot]["links"], (lid, src["type"])
+        assert dst["inputs"][t_slot]["link"] == lid, (lid, dst["type"], dst["inputs"])
+        if src["type"] != "Reroute":
+            assert src["outputs"][o_slot]["type"] == ltype
+        if dst["type"] != "Reroute":
+            assert dst["inputs"][t_slot]["type"] == ltype, (dst["type"], dst["inputs"][t_slot], ltype)
+    held = {i["link"] for n in wf["nodes"] for i in n.get("inputs") or [] if i.get("link") is not None}
+    assert held == {row[0] for row in wf["links"]}
+
+
+def _fused_values(node):
+    return map_widget_values(mig.TARGET_NODES[node["type"]], node["widgets_values"])
+
+
+# -- the declarations the converter carries match the real ones --------------------------------------------
+
+def test_plus_declarations_match_that_pack(plus):
+    for ntype, decl in mig.PLUS_NODES.items():
+        real = _decl(plus[ntype])
+        assert [n for n, _ in widget_inputs(decl)] == [n for n, _ in widget_inputs(real)], ntype
+        assert [(n, mig._spec_type(s)) for n, s in mig._all_inputs(decl)] == \
+               [(n, mig._spec_type(s)) for n, s in mig._all_inputs(real)], ntype
+        assert decl["output"] == real["output"], ntype
+        for (n, s), (_, r) in zip(widget_inputs(decl), widget_inputs(real)):
+            if n != "ipadapter_file":
+                assert mig._default(s) == mig._default(r), (ntype, n)
+                if mig._choices(s) is not None:
+                    assert mig._choices(s) == mig._choices(r), (ntype, n)
+
+
+def test_every_node_of_that_pack_is_decided(plus):
+    undecided = set(plus) - set(mig.RULES) - set(mig.NO_EQUIVALENT)
+    assert not undecided, f"no rule and no reason for {sorted(undecided)}"
+    assert set(MOST_USED) <= set(plus)
+    assert set(mig.RULES) <= set(plus) and set(mig.NO_EQUIVALENT) <= set(plus)
+
+
+def test_target_declarations_match_this_pack(monkeypatch):
+    fake = types.ModuleType("folder_paths")
+    fake.get_filename_list = lambda folder: [f"example.{folder}.safetensors"]
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    from ipadapter_fused.nodes import NODE_CLASS_MAPPINGS
+
+    real = mig.declarations_from_classes(NODE_CLASS_MAPPINGS)
+    for ntype in ("IPAdapterFusedLoader", "IPAdapterFusedApply"):
+        decl = mig.TARGET_NODES[ntype]
+        assert [n for n, _ in widget_inputs(decl)] == [n for n, _ in widget_inputs(real[ntype])], ntype
+        assert [(n, mig._spec_type(s)) for n, s in mig._all_inputs(decl)] == \
+               [(n, mig._spec_type(s)) for n, s in mig._all_inputs(real[ntype])], ntype
+        assert decl["output"] == real[ntype]["output"]
+        for (n, s), (_, r) in zip(widget_inputs(decl), widget_inputs(real[ntype])):
+            if n != "ipadapter_file":
+                assert mig._default(s) == mig._default(r), (ntype, n)
+    assert set(mig.pack_node_types()) >= set(NODE_CLASS_MAPPINGS)
+    if mig.UNIFIED_TARGET in NODE_CLASS_MAPPINGS:
+        assert real[mig.UNIFIED_TARGET]["output"] == mig.TARGET_NODES[mig.UNIFIED_TARGET]["output"]
+
+
+# -- apply nodes ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("apply_type", ["IPAdapterAdvanced", "IPAdapterMS"])
+def test_advanced_apply_converts_by_name(plus, apply_type):
+    values = _nondefault(_decl(plus[apply_type]))
+    w, ids = _build_apply(plus, apply_type, values)
+    before = copy.deepcopy(w.wf)
+    out, report = mig.migrate(w.wf)
+    assert w.wf == before  # the input is not changed
+    ap, ld = _node(out, ids["apply"]["id"]), _node(out, ids["loader"]["id"])
+    assert (ap["type"], ld["type"]) == ("IPAdapterFusedApply", "IPAdapterFusedLoader")
+    assert ld["widgets_values"] == ["b.ipadapter.bin"]
+    got = _fused_values(ap)
+    for name in ("weight", "weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"):
+        assert got[name] == values[name], name
+    assert got["middle_block"] == COMPAT
+    if apply_type == "IPAdapterMS":
+        assert got["layer_weights"] == values["layer_weights"]
+        notes = " ".join(e for x in report.converted if x.node_id == ap["id"] for e in x.notes)
+        assert "weight_faceidv2" in notes
+    # links: same sources, by input name
+    links = _links(out)
+    src = {i["name"]: links[i["link"]][1:3] for i in ap["inputs"] if i["link"] is not None}
+    assert src == {"model": [ids["ckpt"]["id"], 0], "ipadapter": [ld["id"], 0], "image": [ids["image"]["id"], 0],
+                   "attn_mask": [ids["image"]["id"], 1], "clip_vision": [ids["cv"]["id"], 0]}
+    assert links[ap["inputs"][1]["link"]][5] == "IPADAPTER_FUSED"
+    assert [links[x][3] for x in ap["outputs"][0]["links"]] == [ids["ks"]["id"]]
+    _check_links(out)
+    assert {e.node_type for e in report.converted} == {apply_type, "IPAdapterModelLoader"} and not report.left
+    assert "cnr_id" not in ap["properties"]
+
+
+def test_simple_ipadapter_weight_types(plus):
+    for theirs, ours in (("standard", "linear"), ("prompt is more important", "ease out"),
+                         ("style transfer", "style transfer")):
+        w, ids = _build_apply(plus, "IPAdapter", {"weight": 0.7, "start_at": 0.1, "end_at": 0.9,
+                                                  "weight_type": theirs}, loader="IPAdapterUnifiedLoader")
+        out, report = mig.migrate(w.wf)
+        ap = _node(out, ids["apply"]["id"])
+        got = _fused_values(ap)
+        assert (got["weight"], got["start_at"], got["end_at"], got["weight_type"]) == (0.7, 0.1, 0.9, ours)
+        assert (got["combine_embeds"], got["embeds_scaling"], got["middle_block"]) == ("concat", "V only", COMPAT)
+        _check_links(out)
+
+
+def test_style_composition_with_one_image(plus):
+    values = {"weight_style": 1.2, "weight_composition": 0.4, "combine_embeds": "concat"}
+    w, ids = _build_apply(plus, "IPAdapterStyleComposition", values)
+    out, report = mig.migrate(w.wf)
+    got = _fused_values(_node(out, ids["apply"]["id"]))
+    assert (got["weight"], got["weight_composition"], got["weight_type"]) == (1.2, 0.4, "style and composition")
+    _check_links(out)
+    # two different images, or expand_style: no counterpart, left as is with the reason
+    w2, ids2 = _build_apply(plus, "IPAdapterStyleComposition", {"expand_style": True})
+    out2, report2 = mig.migrate(w2.wf)
+    assert _node(out2, ids2["apply"]["id"]) == ids2["apply"]
+    assert "expand_style" in report2.left[0].reason
+    other = w.add("LoadImage")
+    w.wf["links"] = [r for r in w.wf["links"] if not (r[3] == ids["apply"]["id"] and r[4] == 3)]
+    ids["image"]["outputs"][0]["links"] = [x for x in ids["image"]["outputs"][0]["links"]
+                                           if x in {r[0] for r in w.wf["links"]}]
+    w.link(other, 0, ids["apply"], "image_composition")
+    out3, report3 = mig.migrate(w.wf)
+    assert _node(out3, ids["apply"]["id"])["type"] == "IPAdapterStyleComposition"
+    assert "different images" in report3.left[0].reason
+    # the loader feeds a node that stays, so it stays too
+    assert {e.node_type for e in report3.left} == {"IPAdapterStyleComposition", "IPAdapterModelLoader"}
+
+
+@pytest.mark.parametrize("apply_type,boost", [("IPAdapterPreciseStyleTransfer", "style_boost"),
+                                              ("IPAdapterPreciseComposition", "composition_boost")])
+def test_precise_types_convert_only_when_the_boost_is_the_weight(plus, apply_type, boost):
+    w, ids = _build_apply(plus, apply_type, {"weight": 0.8, boost: 0.8})
+    out, _ = mig.migrate(w.wf)
+    got = _fused_values(_node(out, ids["apply"]["id"]))
+    assert got["weight"] == 0.8 and got["weight_type"].endswith("precise")
+    w, ids = _build_apply(plus, apply_type, {"weight": 0.8, boost: 1.5})
+    out, report = mig.migrate(w.wf)
+    assert _node(out, ids["apply"]["id"])["type"] == apply_type and boost in report.left[0].reason
+
+
+def test_unified_loader(plus):
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {"weight": 0.6}, loader="IPAdapterUnifiedLoader",
+                          clip_vision=False)
+    out, report = mig.migrate(w.wf)
+    ld, ap = _node(out, ids["loader"]["id"]), _node(out, ids["apply"]["id"])
+    links = _links(out)
+    src = {i["name"]: tuple(links[i["link"]][1:3]) for i in ap["inputs"] if i["link"] is not None}
+    if mig.UNIFIED_TARGET in mig.pack_node_types():
+        assert ld["type"] == mig.UNIFIED_TARGET
+        assert src["model"] == (ld["id"], 0) and src["ipadapter"] == (ld["id"], 1)
+        assert src["clip_vision"] == (ld["id"], 2)  # that pack carried the encoder inside IPADAPTER
+    else:
+        assert ld["type"] == "IPAdapterFusedLoader"
+        cv = next(n for n in out["nodes"] if n["type"] == "CLIPVisionLoader")
+        assert src["model"] == (ids["ckpt"]["id"], 0) and src["ipadapter"] == (ld["id"], 0)
+        assert src["clip_vision"] == (cv["id"], 0)
+        assert ld["widgets_values"] == ["ip-adapter-plus_sd15.safetensors"]
+        assert any("no unified loader" in n for e in report.converted for n in e.notes)
+    _check_links(out)
+
+
+def test_apply_from_a_node_that_stays_stays(plus):
+    """An apply node fed by a FaceID unified loader keeps that pack's IPADAPTER type: it stays."""
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {}, loader="IPAdapterUnifiedLoaderFaceID")
+    out, report = mig.migrate(w.wf)
+    assert out == w.wf
+    reasons = {e.node_type: e.reason for e in report.left}
+    assert "FaceID" in reasons["IPAdapterUnifiedLoaderFaceID"]
+    assert "not converted" in reasons["IPAdapterAdvanced"]
+
+
+def test_reroute_between_loader_and_apply(plus):
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {})
+    reroute = w.add("Reroute")
+    lid = ids["apply"]["inputs"][1]["link"]
+    row = next(r for r in w.wf["links"] if r[0] == lid)
+    row[3], row[4] = reroute["id"], 0
+    reroute["inputs"][0]["link"] = lid
+    w.link(reroute, 0, ids["apply"], "ipadapter")
+    reroute["outputs"][0]["type"] = "IPADAPTER"
+    out, report = mig.migrate(w.wf)
+    assert _node(out, ids["apply"]["id"])["type"] == "IPAdapterFusedApply"
+    assert {r[5] for r in out["links"] if reroute["id"] in (r[1], r[3])} == {"IPADAPTER_FUSED"}
+
+
+# -- nodes without an equivalent -------------------------------------------------------------------------------
+
+def test_nodes_without_equivalent_stay_and_are_named(plus):
+    decls = {k: _decl(v) for k, v in plus.items()}
+    decls.update(HOST)
+    w = Workflow(decls)
+    image = w.add("LoadImage")
+    made = {}
+    for ntype in MOST_USED:
+        if ntype in mig.NO_EQUIVALENT:
+            made[ntype] = w.add(ntype, _nondefault(decls[ntype]))
+    w.link(image, 0, made["PrepImageForClipVision"], "image")
+    w.link(made["IPAdapterInsightFaceLoader"], 0, made["IPAdapterFaceID"], "insightface")
+    w.link(made["IPAdapterEncoder"], 0, made["IPAdapterCombineEmbeds"], "embed1")
+    w.link(made["IPAdapterRegionalConditioning"], 0, made["IPAdapterCombineParams"], "params_1")
+    w.link(made["IPAdapterCombineParams"], 0, made["IPAdapterFromParams"], "ipadapter_params")
+    out, report = mig.migrate(w.wf)
+    assert out == w.wf
+    assert not report.converted
+    assert {e.node_type for e in report.left} == set(made)
+    text = report.text()
+    for ntype, node in made.items():
+        assert f"#{node['id']} {ntype}: {mig.NO_EQUIVALENT[ntype]}" in text
+    assert len(made) >= 12
+
+
+def test_other_version_of_that_pack_is_left(plus):
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {})
+    ids["apply"]["widgets_values"].append("extra")
+    out, report = mig.migrate(w.wf)
+    assert _node(out, ids["apply"]["id"])["type"] == "IPAdapterAdvanced"
+    assert "another version" in next(e.reason for e in report.left if e.node_type == "IPAdapterAdvanced")
+
+
+def test_command_line(plus, tmp_path):
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {"weight": 0.55})
+    w.add("IPAdapterNoise", {})
+    src, dst = tmp_path / "old.json", tmp_path / "new.json"
+    src.write_text(json.dumps(w.wf))
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "migrate_workflow.py"), str(src), str(dst)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "2 node(s) converted, 1 left in place" in res.stdout
+    assert "IPAdapterNoise" in res.stdout and "IPAdapterAdvanced -> IPAdapterFusedApply" in res.stdout
+    out = json.loads(dst.read_text())
+    assert _fused_values(_node(out, ids["apply"]["id"]))["weight"] == 0.55
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "migrate_workflow.py"), str(tmp_path / "none.json"),
+                          str(dst)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "error" in bad.stdout
