@@ -121,7 +121,8 @@ def _model_fit(spec, diffusion_model) -> Optional[str]:
             check_adapter_fits(spec, unet_attn2_sites(diffusion_model),
                                kolors_model=getattr(diffusion_model, "encoder_hid_proj", None) is not None)
     except ValueError as e:
-        return str(e).removeprefix("this IP-Adapter ").removeprefix("this ")
+        # the first sentence names the mismatch; the rest is advice for the apply node's user
+        return str(e).removeprefix("this IP-Adapter ").removeprefix("this ").split(". ")[0]
     return None
 
 
