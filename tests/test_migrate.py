@@ -245,7 +245,7 @@ def test_target_declarations_match_this_pack(monkeypatch):
     from ipadapter_fused.nodes import NODE_CLASS_MAPPINGS
 
     real = mig.declarations_from_classes(NODE_CLASS_MAPPINGS)
-    for ntype in ("IPAdapterFusedLoader", "IPAdapterFusedApply"):
+    for ntype in [t for t in mig.TARGET_NODES if t in NODE_CLASS_MAPPINGS]:
         decl = mig.TARGET_NODES[ntype]
         assert [n for n, _ in widget_inputs(decl)] == [n for n, _ in widget_inputs(real[ntype])], ntype
         assert [(n, mig._spec_type(s)) for n, s in mig._all_inputs(decl)] == \
@@ -254,9 +254,10 @@ def test_target_declarations_match_this_pack(monkeypatch):
         for (n, s), (_, r) in zip(widget_inputs(decl), widget_inputs(real[ntype])):
             if n != "ipadapter_file":
                 assert mig._default(s) == mig._default(r), (ntype, n)
+        if ntype == mig.UNIFIED_TARGET:
+            assert mig._choices(dict(mig._all_inputs(decl))["preset"]) == \
+                   mig._choices(dict(mig._all_inputs(real[ntype]))["preset"])
     assert set(mig.pack_node_types()) >= set(NODE_CLASS_MAPPINGS)
-    if mig.UNIFIED_TARGET in NODE_CLASS_MAPPINGS:
-        assert real[mig.UNIFIED_TARGET]["output"] == mig.TARGET_NODES[mig.UNIFIED_TARGET]["output"]
 
 
 # -- apply nodes ---------------------------------------------------------------------------------------------
@@ -340,14 +341,19 @@ def test_precise_types_convert_only_when_the_boost_is_the_weight(plus, apply_typ
     assert _node(out, ids["apply"]["id"])["type"] == apply_type and boost in report.left[0].reason
 
 
-def test_unified_loader(plus):
+@pytest.mark.parametrize("with_unified", [True, False])
+def test_unified_loader(plus, with_unified):
+    """That pack's unified loader carried the CLIP vision model inside IPADAPTER; the converted apply node
+    takes it from the unified loader's clip_vision output, or (a host whose pack has no unified loader,
+    given as its object_info) from a CLIPVisionLoader added beside the adapter loader."""
     w, ids = _build_apply(plus, "IPAdapterAdvanced", {"weight": 0.6}, loader="IPAdapterUnifiedLoader",
                           clip_vision=False)
-    out, report = mig.migrate(w.wf)
+    info = None if with_unified else {k: v for k, v in mig.TARGET_NODES.items() if k != mig.UNIFIED_TARGET}
+    out, report = mig.migrate(w.wf, info)
     ld, ap = _node(out, ids["loader"]["id"]), _node(out, ids["apply"]["id"])
     links = _links(out)
     src = {i["name"]: tuple(links[i["link"]][1:3]) for i in ap["inputs"] if i["link"] is not None}
-    if mig.UNIFIED_TARGET in mig.pack_node_types():
+    if with_unified:
         assert ld["type"] == mig.UNIFIED_TARGET
         assert src["model"] == (ld["id"], 0) and src["ipadapter"] == (ld["id"], 1)
         assert src["clip_vision"] == (ld["id"], 2)  # that pack carried the encoder inside IPADAPTER
@@ -359,6 +365,22 @@ def test_unified_loader(plus):
         assert ld["widgets_values"] == ["ip-adapter-plus_sd15.safetensors"]
         assert any("no unified loader" in n for e in report.converted for n in e.notes)
     _check_links(out)
+
+
+@pytest.mark.skipif(mig.UNIFIED_TARGET not in mig.pack_node_types(), reason="no unified loader in nodes/")
+def test_unified_loader_presets(plus):
+    expected = {"LIGHT - SD1.5 only (low strength)": "light", "STANDARD (medium strength)": "standard",
+                "VIT-G (medium strength)": "vit-G", "PLUS (high strength)": "plus",
+                "PLUS FACE (portraits)": "plus-face", "FULL FACE - SD1.5 only (portraits stronger)": "full-face"}
+    assert set(expected) == set(mig._choices(_decl(plus["IPAdapterUnifiedLoader"])["input"]["required"]["preset"]))
+    for theirs, ours in expected.items():
+        w, ids = _build_apply(plus, "IPAdapterAdvanced", {}, loader="IPAdapterUnifiedLoader", clip_vision=False)
+        ids["loader"]["widgets_values"] = [theirs]
+        out, report = mig.migrate(w.wf)
+        ld = _node(out, ids["loader"]["id"])
+        assert _fused_values(ld) == {"preset": ours, "ipadapter_file": "by preset (content)",
+                                     "clip_vision_file": "auto (by content)"}
+        assert not any(e.notes for e in report.converted if e.node_id == ld["id"])
 
 
 def test_apply_from_a_node_that_stays_stays(plus):

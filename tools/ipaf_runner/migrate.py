@@ -102,7 +102,11 @@ TARGET_NODES = {
         [("image_negative", ["IMAGE"]), ("attn_mask", ["MASK"]), ("layer_weights", ["STRING", {"default": ""}]),
          ("weight_composition", _f(1.0)), ("image_weights", ["STRING", {"default": ""}])],
         ["MODEL"]),
-    UNIFIED_TARGET: _decl([("model", ["MODEL"]), ("preset", [["standard"]])], None,
+    UNIFIED_TARGET: _decl([("model", ["MODEL"]),
+                           ("preset", [["light", "standard", "vit-G", "plus", "plus-face", "full-face"],
+                                       {"default": "standard"}])],
+                          [("ipadapter_file", [["by preset (content)"], {"default": "by preset (content)"}]),
+                           ("clip_vision_file", [["auto (by content)"], {"default": "auto (by content)"}])],
                           ["MODEL", "IPADAPTER_FUSED", "CLIP_VISION"], ["model", "ipadapter", "clip_vision"]),
 }
 
@@ -575,7 +579,7 @@ class _Migration:
         word = next((w for key, w in _PRESET_WORDS if key in preset.lower()), "standard")
         if UNIFIED_TARGET in self.available:
             choices = _choices(dict(_all_inputs(self.targets[UNIFIED_TARGET])).get("preset", [[]])) or []
-            match = next((c for c in choices if c.lower().startswith(word) or word in c.lower()), None)
+            match = next((c for c in choices if c.lower() == word), None)
             entry = self.convert(nid, rule, value_overrides={"preset": match or (choices[0] if choices else word)})
             if match is None:
                 entry.notes.append(f"preset {preset!r} has no exact counterpart; check the preset")
