@@ -58,15 +58,20 @@ def pick_clip_vision(spec, names: list[str], full_path: Callable[[str], Optional
                      f"{where}, or choose a file explicitly. {held}")
 
 
+def clip_vision_name(spec, choice: str) -> str:
+    """`choice` when it names a file (an explicit choice always wins), else the clip_vision file picked by
+    content for `spec`."""
+    if choice and choice != AUTO_CLIP_VISION:
+        return choice
+    names, full_path = _host_listing(CLIP_VISION_FOLDER)
+    return pick_clip_vision(spec, names, full_path)
+
+
 def resolve_clip_vision(spec, choice: str):
-    """The CLIP_VISION for `spec`: `choice` when it names a file (an explicit choice always wins), else the
-    file picked by content."""
+    """The CLIP_VISION for `spec` (see clip_vision_name), loaded once while in use."""
     from .clip_vision import load_clip_vision
 
-    if choice and choice != AUTO_CLIP_VISION:
-        return load_clip_vision(choice)
-    names, full_path = _host_listing(CLIP_VISION_FOLDER)
-    return load_clip_vision(pick_clip_vision(spec, names, full_path))
+    return load_clip_vision(clip_vision_name(spec, choice))
 
 
 # ---------------------------------------------------------------------------------------------------------

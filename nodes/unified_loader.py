@@ -2,7 +2,8 @@
 what the files in models/ipadapter and models/clip_vision hold (nodes/auto_select.py), not their names."""
 from __future__ import annotations
 
-from .auto_select import AUTO_CLIP_VISION, BY_PRESET, PRESETS, pick_adapter, resolve_clip_vision
+from .auto_select import AUTO_CLIP_VISION, BY_PRESET, PRESETS, clip_vision_name, pick_adapter
+from .clip_vision import load_clip_vision
 from .loaders import FOLDER, load_adapter
 
 CATEGORY = "ipadapter_fused"
@@ -56,6 +57,7 @@ class IPAdapterFusedUnifiedLoader:
                                 list(folder_paths.get_filename_list(FOLDER)),
                                 lambda n: folder_paths.get_full_path(FOLDER, n), FOLDER)
         adapter = load_adapter(name)
-        clip_vision = resolve_clip_vision(adapter.spec, clip_vision_file)
-        info = f"{name}: {adapter.spec.describe()}"
+        encoder = clip_vision_name(adapter.spec, clip_vision_file)
+        clip_vision = load_clip_vision(encoder)
+        info = f"{name}: {adapter.spec.describe()}; CLIP vision: {encoder}"
         return {"ui": {"ipadapter_info": [info]}, "result": (model, adapter, clip_vision)}

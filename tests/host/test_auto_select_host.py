@@ -82,7 +82,8 @@ def test_unified_loader_finds_both_files_by_content(host, folders, tiny_sd15, ti
     assert got_model is model
     assert adapter is load_adapter("first.safetensors")            # the only SD1.5 base adapter with 1024 inputs
     assert clip_vision is load_clip_vision("enc_b.safetensors")    # the only encoder with 1024-wide image_embeds
-    assert "first.safetensors" in out["ui"]["ipadapter_info"][0]
+    assert out["ui"]["ipadapter_info"][0].startswith("first.safetensors: IP-Adapter for SD1.5")
+    assert out["ui"]["ipadapter_info"][0].endswith("CLIP vision: enc_b.safetensors")
 
     # the all-in-one node's 'auto' takes the same encoder, and the prompt changes the picture
     torch = host.torch
