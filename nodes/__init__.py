@@ -9,6 +9,8 @@ def _register_with_host() -> None:
         return
     from .loaders import register_folder
     register_folder()
+    from .migrate_route import register_route  # "Convert IPAdapter_plus nodes" (web/js)
+    register_route()
 
 
 _register_with_host()
