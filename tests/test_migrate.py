@@ -456,3 +456,24 @@ def test_command_line(plus, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "migrate_workflow.py"), str(tmp_path / "none.json"),
                           str(dst)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error" in bad.stdout
+
+
+def test_widget_driven_by_a_link_and_links_saved_as_objects(plus):
+    """A widget turned into an input (a primitive drives weight) keeps its link on the input of the same
+    name; workflows of schema 1 (links as objects) come back in that form."""
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {"weight": 0.3})
+    prim = w.add("PrimitiveNode", decl=mig._decl([], None, ["FLOAT"], ["FLOAT"]))
+    ids["apply"]["inputs"].append({"name": "weight", "type": "FLOAT", "widget": {"name": "weight"}, "link": None})
+    lid = w.link(prim, 0, ids["apply"], "weight")
+    w.wf["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), r))
+                     for r in w.wf["links"]]
+    out, report = mig.migrate(w.wf)
+    assert all(isinstance(r, dict) for r in out["links"])
+    out["links"] = [[r["id"], r["origin_id"], r["origin_slot"], r["target_id"], r["target_slot"], r["type"]]
+                    for r in out["links"]]
+    ap = _node(out, ids["apply"]["id"])
+    weight_in = next(i for i in ap["inputs"] if i["name"] == "weight")
+    assert weight_in["link"] == lid and weight_in["widget"] == {"name": "weight"}
+    assert _links(out)[lid][1] == prim["id"]
+    assert _fused_values(ap)["weight"] == 0.3
+    _check_links(out)
