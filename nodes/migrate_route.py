@@ -36,11 +36,10 @@ def host_declarations(migrate) -> dict:
 
 
 def register_route() -> None:
-    try:
-        from server import PromptServer
-    except ImportError:  # imported outside the host (tests, tools)
-        return
-    instance = getattr(PromptServer, "instance", None)
+    # The host imports its server module before it loads custom nodes; anywhere else (tests, tools, a
+    # host on sys.path but not serving) there is no server to add a route to, and none is imported here.
+    host_server = sys.modules.get("server")
+    instance = getattr(getattr(host_server, "PromptServer", None), "instance", None)
     if instance is None:
         return
     from aiohttp import web
