@@ -554,6 +554,10 @@ class _Migration:
         node["inputs"] = new_inputs
         node["outputs"] = new_outputs
         node["widgets_values"] = [new_values.get(n, _default(s)) for n, s in widget_inputs(decl)]
+        # room for the widgets this pack's node has (the front end keeps a saved size as it is)
+        size = list(node.get("size") or [0, 0])
+        rows = max(len(new_inputs), len(new_outputs))
+        node["size"] = [max(size[0], 320), max(size[1], 30 + 22 * rows + 26 * len(node["widgets_values"]))]
         props = node.setdefault("properties", {})
         props["Node name for S&R"] = target_type
         for stale in ("cnr_id", "ver", "aux_id"):  # they name the pack a node comes from
