@@ -419,6 +419,18 @@ def _all_inputs(decl):
                 yield name, declared[name]
 
 
+def _fits(value, spec) -> bool:
+    """Whether a saved value can be the value of this widget (decides an older version's layout)."""
+    kind, choices = _spec_type(spec), _choices(spec)
+    if choices is not None:
+        return value in choices or (not choices and isinstance(value, str))
+    if kind in ("INT", "FLOAT"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "BOOLEAN":
+        return isinstance(value, bool)
+    return isinstance(value, str)
+
+
 def _spec_type(spec):
     kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
     return "COMBO" if isinstance(kind, (list, tuple)) else kind
@@ -433,6 +445,7 @@ class _Migration:
         self.values = {}      # node id -> that pack's widget values by name
         self.plan = {}        # node id -> Rule (to convert)
         self.unified = {}     # old unified loader id -> (node id, clip vision output node id, slot)
+        self.older = {}       # node id -> widgets an older version of that pack did not save (defaults used)
 
     # which nodes convert ----------------------------------------------------------------------------
     def decide(self):
@@ -445,11 +458,17 @@ class _Migration:
             elif t in RULES:
                 decl = PLUS_NODES[t]
                 raw = node.get("widgets_values")
-                n_widgets = len(_widget_names(decl))
-                if isinstance(raw, list) and len(raw) != n_widgets:
-                    reasons[nid] = (f"it holds {len(raw)} widget values where that pack's current version has "
-                                    f"{n_widgets}; saved by another version of it, so not converted")
-                    continue
+                widgets = widget_inputs(decl)
+                if isinstance(raw, list) and len(raw) != len(widgets):
+                    # older versions of that pack had fewer widgets, each added at the end with the old
+                    # behaviour as its default (IPAdapter's weight_type, IPAdapterAdvanced's embeds_scaling)
+                    if len(raw) > len(widgets) or not all(_fits(v, spec) for v, (_, spec) in zip(raw, widgets)):
+                        reasons[nid] = (f"it holds {len(raw)} widget values where that pack's current version "
+                                        f"has {len(widgets)}, and they do not fit its widgets; saved by another "
+                                        "version of it, so not converted")
+                        continue
+                    self.older[nid] = [n for n, _ in widgets[len(raw):]]
+                    raw = list(raw) + [_default(spec) for _, spec in widgets[len(raw):]]
                 self.values[nid] = map_widget_values(decl, raw)
                 rule = RULES[t]
                 why = rule.refuse(node, g, self.values[nid]) if rule.refuse else None
@@ -502,6 +521,9 @@ class _Migration:
         if rule.values:
             new_values.update(rule.values(values))
         new_values.update(value_overrides or {})
+        if self.older.get(nid):
+            entry.notes.append(f"saved by an older version of that pack: {', '.join(self.older[nid])} taken as "
+                               "that version's behaviour (the default)")
         for name in rule.drops:
             if name in values and values[name] != _default(dict(_all_inputs(old_decl))[name]):
                 entry.notes.append(f"{name} = {values[name]!r} has no counterpart here and is dropped")
@@ -555,7 +577,8 @@ class _Migration:
         node["outputs"] = new_outputs
         node["widgets_values"] = [new_values.get(n, _default(s)) for n, s in widget_inputs(decl)]
         # room for the widgets this pack's node has (the front end keeps a saved size as it is)
-        size = list(node.get("size") or [0, 0])
+        size = node.get("size") or [0, 0]
+        size = [size.get("0", 0), size.get("1", 0)] if isinstance(size, dict) else list(size)  # old saves: {"0", "1"}
         rows = max(len(new_inputs), len(new_outputs))
         node["size"] = [max(size[0], 320), max(size[1], 30 + 22 * rows + 26 * len(node["widgets_values"]))]
         props = node.setdefault("properties", {})
