@@ -513,3 +513,14 @@ def test_that_packs_own_example_workflows(path):
         ap = next(_node(out, e.node_id) for e in report.converted if e.node_type == "IPAdapter")
         got = _fused_values(ap)
         assert (got["weight"], got["start_at"], got["end_at"], got["weight_type"]) == (0.8, 0, 1, "linear")
+
+
+def test_nodes_inside_subgraphs_and_group_nodes_are_named():
+    inner = {"nodes": [{"id": 1, "type": "IPAdapterAdvanced", "inputs": [], "outputs": [], "widgets_values": []}]}
+    for wf, what in (({"nodes": [], "links": [], "definitions": {"subgraphs": [inner]}}, "subgraph"),
+                     ({"nodes": [], "links": [], "extra": {"groupNodes": {"g": inner}}}, "group node")):
+        out, report = mig.migrate(wf)
+        assert out == wf and [e.node_id for e in report.left] == [what]
+        assert "not converted" in report.text()
+    with pytest.raises(ValueError, match="not a front-end workflow"):
+        mig.migrate({"1": {"class_type": "IPAdapterAdvanced", "inputs": {}}})

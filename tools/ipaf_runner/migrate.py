@@ -703,11 +703,15 @@ def migrate(workflow: dict, object_info: Optional[dict] = None) -> tuple[dict, R
     else:
         available = pack_node_types() | {"CLIPVisionLoader"}
     report = _Migration(wf, targets, available).run()
+    theirs = set(PLUS_NODES) | set(NO_EQUIVALENT)
     subgraphs = (wf.get("definitions") or {}).get("subgraphs") or []
-    if any(n.get("type") in PLUS_NODES or n.get("type") in NO_EQUIVALENT
-           for s in subgraphs for n in s.get("nodes") or []):
+    if any(n.get("type") in theirs for s in subgraphs for n in s.get("nodes") or []):
         report.entries.append(Entry("subgraph", "(nodes inside subgraphs)", None,
                                     "nodes inside subgraphs are not converted; unpack the subgraph first"))
+    groups = ((wf.get("extra") or {}).get("groupNodes") or {})
+    if any(n.get("type") in theirs for g in groups.values() if isinstance(g, dict) for n in g.get("nodes") or []):
+        report.entries.append(Entry("group node", "(nodes inside group nodes)", None,
+                                    "nodes inside group nodes are not converted; convert the group to nodes first"))
     return wf, report
 
 

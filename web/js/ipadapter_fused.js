@@ -57,6 +57,7 @@ app.registerExtension({
     function: convertIPAdapterPlusNodes,
   }],
   menuCommands: [{ path: ["Extensions", "IPAdapter Fused"], commands: ["ipadapter_fused.convert_ipadapter_plus"] }],
+  // front ends after 1.27 also read canvas menu items from extensions (1.27 ignores this)
   getCanvasMenuItems() {
     return [null, { content: "Convert IPAdapter_plus nodes", callback: convertIPAdapterPlusNodes }];
   },
