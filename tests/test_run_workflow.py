@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+# the shipped workflows, and the selfcheck (kept beside the runner, out of the template browser)
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json")) + [ROOT / "tools" / "ipaf_runner" / "selfcheck_sd15.json"]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from ipaf_runner import cli, convert, tiny_models  # noqa: E402

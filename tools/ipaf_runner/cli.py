@@ -21,7 +21,9 @@ from .run import download_images, run_prompt
 from .server import PROBE_NODE, ComfyServer
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-SELFCHECK_WORKFLOW = WORKFLOWS / "selfcheck_sd15.json"
+# Kept beside the runner, out of workflows/ (the host lists that folder in its template browser,
+# and the selfcheck only runs through the runner, on the tiny models it makes).
+SELFCHECK_WORKFLOW = Path(__file__).resolve().parent / "selfcheck_sd15.json"
 MISSING_WEIGHT_MARKERS = ("unet missing", "unet unexpected", "clip missing", "missing clip vision",
                           "Missing VAE keys", "No VAE weights", "Could not detect model type",
                           "Warning, This is not a checkpoint file")
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an input (NODE = id, title or class type; VALUE = JSON or text); "
                         "the node must exist and declare the input")
     p.add_argument("--out", help="folder for the output pictures (default: ./ipadapter_fused_outputs)")
-    p.add_argument("--selfcheck", action="store_true", help="make tiny random models and run workflows/selfcheck_sd15.json")
+    p.add_argument("--selfcheck", action="store_true", help="make tiny random models and run tools/ipaf_runner/selfcheck_sd15.json")
     p.add_argument("--cache-dir", type=Path, default=tiny_models.default_cache_dir(),
                    help="cache for the selfcheck models")
     p.add_argument("--all-custom-nodes", action="store_true", help="load all the host's custom nodes, not only this pack")

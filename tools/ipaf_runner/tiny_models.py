@@ -20,7 +20,7 @@ PACK_ROOT = Path(__file__).resolve().parents[2]
 # Bump when the generated host models change (names, shapes, init): the cache is keyed by it.
 SELFCHECK_MODELS_VERSION = 1
 
-# Selfcheck file names (workflows/selfcheck_sd15.json refers to them).
+# Selfcheck file names (tools/ipaf_runner/selfcheck_sd15.json refers to them).
 SC_CHECKPOINT = "ipaf_selfcheck_sd15.safetensors"
 SC_CLIP_VISION = "ipaf_selfcheck_clip_vision_vitl.safetensors"
 SC_ADAPTER = "ipaf_selfcheck_sd15_base.safetensors"
