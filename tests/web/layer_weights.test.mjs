@@ -81,3 +81,11 @@ test("the family is guessed from the names a string uses", () => {
   assert.equal(L.guessFamily("0:1, 6:0.5"), null);
   assert.equal(L.guessFamily(""), null);
 });
+
+test("the family is read off a loader's detection summary", () => {
+  assert.equal(L.familyFromSummary("IP-Adapter Plus for SDXL: 16 image tokens from CLIP ViT-H/14"), "sdxl");
+  assert.equal(L.familyFromSummary("IP-Adapter for SD1.5: 4 image tokens"), "sd15");
+  assert.equal(L.familyFromSummary("InstantX IP-Adapter for Flux: 128 image tokens"), "flux");
+  assert.equal(L.familyFromSummary("InstantX IP-Adapter for SD3.5: 64 image tokens"), "sd35");
+  assert.equal(L.familyFromSummary("IP-Adapter for an unrecognised base model: 4 tokens"), null);
+});

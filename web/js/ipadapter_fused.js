@@ -1,28 +1,7 @@
-// Shows what the loader detected (family, tokens, the encoder it needs) on the node
-// itself, so a wrong CLIP vision model or adapter is visible before sampling.
+// The detection summary on loader nodes lives in loader_summary.js, the per-layer weight editor in
+// layer_weights_editor.js (its logic: layer_weights_logic.js).
 import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 import { api } from "../../scripts/api.js";
-
-app.registerExtension({
-  name: "ipadapter_fused.loader_info",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "IPAdapterFusedLoader") return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      const text = (message?.ipadapter_info ?? []).join("\n");
-      let widget = this.widgets?.find((w) => w.name === "detected");
-      if (!widget) {
-        widget = ComfyWidgets.STRING(this, "detected", ["STRING", { multiline: true }], app).widget;
-        if (widget.inputEl) widget.inputEl.readOnly = true;
-        widget.serialize = false;
-      }
-      widget.value = text;
-      this.setDirtyCanvas(true, true);
-    };
-  },
-});
 
 // "Convert IPAdapter_plus nodes": the open graph goes to the pack's route (the conversion lives in
 // Python, tools/ipaf_runner/migrate.py, shared with tools/migrate_workflow.py) and comes back converted.

@@ -232,3 +232,9 @@ export function guessFamily(text) {
   if (names.length) return "flux";
   return null;
 }
+
+/** The family a loader's detection summary names ("... for SDXL: ..."), or null. */
+export function familyFromSummary(text) {
+  const m = /\bfor (SD1\.5|SDXL|Flux|SD3\.5)\b/.exec(text ?? "");
+  return m ? { "SD1.5": "sd15", SDXL: "sdxl", Flux: "flux", "SD3.5": "sd35" }[m[1]] : null;
+}
