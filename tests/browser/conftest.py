@@ -39,8 +39,6 @@ def host():
     path = server_harness.host_path()
     if path is None:
         _skip("no ComfyUI host (set COMFYUI_PATH or put it at ../shared/host/ComfyUI)")
-    if cdp.find_chromium() is None:
-        _skip("no Chromium (apt-get install chromium chromium-driver)")
     server = ComfyServer(path, cpu=True, models={}, say=lambda m: None)
     server.start()
     yield server
@@ -49,6 +47,8 @@ def host():
 
 @pytest.fixture(scope="session")
 def browser(host):
+    if cdp.find_chromium() is None:
+        _skip("no Chromium (apt-get install chromium chromium-driver)")
     b = cdp.Chromium(cdp.find_chromium())
     try:
         b.call("Runtime.enable")

@@ -97,7 +97,13 @@ def test_workflow_loads_and_summary_fits(host, browser, path):
         n.onExecuted({{ ipadapter_info: [{json.dumps(LONG_SUMMARY)}] }});
         const rect = summaryRect(n, app.canvas.ctx);
         const file = n.widgets?.find(w => w.type === "combo");
-        out.push({{ id: n.id, size, after: [...n.size], rect, summary: n.ipafSummary,
+        // hover: the full text becomes the canvas' native tooltip, and goes when the pointer leaves
+        n.ipafSummaryRect = rect;
+        n.onMouseMove({{}}, [rect[0] + 5, rect[1] + rect[3] / 2]);
+        const hover = app.canvas.canvas.title;
+        n.onMouseMove({{}}, [rect[0] + 5, n.size[1] - 2]);
+        const away = app.canvas.canvas.title;
+        out.push({{ id: n.id, size, after: [...n.size], rect, summary: n.ipafSummary, hover, away,
                     fileY: file ? (file.last_y ?? file.y) : null, widgets: n.widgets?.length ?? 0 }});
       }}
       return out;
@@ -113,6 +119,7 @@ def test_workflow_loads_and_summary_fits(host, browser, path):
         if r["fileY"] is not None and y >= 0:
             assert y + h <= r["fileY"], f"{path.name}: the summary line runs into the file widget {r}"
         assert r["summary"] == LONG_SUMMARY
+        assert r["hover"] == LONG_SUMMARY and r["away"] == "", r
     assert _overlaps(browser.js(_BOXES)) <= _overlaps(before_boxes), f"{path.name}: a node now overlaps another"
     assert not _overlaps(before_boxes), f"{path.name}: nodes overlap as shipped: {_overlaps(before_boxes)}"
 
