@@ -9,7 +9,6 @@ naming them: Light and Standard, and Plus and Plus-Face, have the same structure
 tell which is meant."""
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 from ..models.adapter_files import describe_adapter_file

@@ -189,5 +189,10 @@ class IPAdapterFusedClipVisionLoader:
                                       "pooling head (InstantX Flux and SD3.5). Recognised by its contents, not its name."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name):
+        from .model_files import validate_file
+        return validate_file(FOLDER, clip_name, "CLIP vision file")
+
     def load(self, clip_name):
         return (load_clip_vision(clip_name),)

@@ -6,6 +6,7 @@ from .auto_select import AUTO_CLIP_VISION, resolve_clip_vision
 from .clip_vision import IPAdapterFusedClipVisionLoader
 from .encode import COMBINE_METHODS
 from .loaders import FOLDER, load_adapter
+from .model_files import all_valid, validate_file
 from .schedules import EMBEDS_SCALING, WEIGHT_TYPES
 from .unified_loader import IPAdapterFusedUnifiedLoader
 
@@ -57,6 +58,10 @@ class IPAdapterFusedLoader:
         return {"required": {
             "ipadapter_file": (_files(FOLDER), {"tooltip": "An IP-Adapter .safetensors or .bin file from models/ipadapter."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ipadapter_file):
+        return validate_file(FOLDER, ipadapter_file, "IP-Adapter file")
 
     def load(self, ipadapter_file):
         adapter = load_adapter(ipadapter_file)
@@ -146,6 +151,11 @@ class IPAdapterFusedSimple:
                                             "width, read from the file's header); a file name overrides that."}),
             **_common_widgets(),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ipadapter_file, clip_vision_file):
+        return all_valid(validate_file(FOLDER, ipadapter_file, "IP-Adapter file"),
+                         validate_file("clip_vision", clip_vision_file, "CLIP vision file", (AUTO_CLIP_VISION,)))
 
     def apply(self, model, image, ipadapter_file, clip_vision_file, weight, weight_type, start_at, end_at):
         adapter = load_adapter(ipadapter_file)

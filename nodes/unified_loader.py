@@ -48,6 +48,12 @@ class IPAdapterFusedUnifiedLoader:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, ipadapter_file=BY_PRESET, clip_vision_file=AUTO_CLIP_VISION):
+        from .model_files import all_valid, validate_file
+        return all_valid(validate_file(FOLDER, ipadapter_file, "IP-Adapter file", (BY_PRESET,)),
+                         validate_file("clip_vision", clip_vision_file, "CLIP vision file", (AUTO_CLIP_VISION,)))
+
     def load(self, model, preset, ipadapter_file=BY_PRESET, clip_vision_file=AUTO_CLIP_VISION):
         if ipadapter_file and ipadapter_file != BY_PRESET:
             name = ipadapter_file
