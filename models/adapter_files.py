@@ -7,14 +7,13 @@ mtime)."""
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .families import AdapterSpec, detect_family
-from .loading import AdapterFormatError, flatten_state, read_safetensors_header
+from .loading import FileDescriptions, AdapterFormatError, flatten_state, read_safetensors_header
 
 __all__ = ["AdapterFile", "describe_adapter_file"]
 
@@ -55,22 +54,5 @@ def _describe_uncached(path: str) -> AdapterFile:
         return AdapterFile(None, str(e).removeprefix(name + ": "))
 
 
-_cache: dict[tuple, AdapterFile] = {}
-_cache_lock = threading.Lock()
-
-
-def describe_adapter_file(path: str | os.PathLike) -> AdapterFile:
-    """The adapter family of `path` from its keys and shapes. Never raises for a bad file."""
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return AdapterFile(None, f"not readable ({e.strerror})")
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    with _cache_lock:
-        hit = _cache.get(key)
-    if hit is None:
-        hit = _describe_uncached(path)
-        with _cache_lock:
-            _cache[key] = hit
-    return hit
+# The adapter family of `path` from its keys and shapes. Never raises for a bad file.
+describe_adapter_file = FileDescriptions(_describe_uncached, lambda why: AdapterFile(None, why))

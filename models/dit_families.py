@@ -1,6 +1,6 @@
 """Image-prompt adapters for DiT models (Flux, SD3.5): recognising them from key names and shapes.
 
-Three families are known (facts and sources: /work/notes/dit_facts.md, summarised in the README):
+Three families are known (facts and their sources: the README, "DiT adapters"):
 
 - ``xlabs``: XLabs Flux IP-Adapter v1/v2. A linear projection of CLIP ViT-L ``image_embeds`` to 4 or 16
   tokens; K/V with bias in the 19 double blocks.

@@ -12,6 +12,7 @@ import pickle
 import re
 import struct
 import zipfile
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -268,3 +269,28 @@ def load_adapter_state(path: str | os.PathLike) -> dict[str, dict[str, torch.Ten
         return group_state(flatten_state(raw))
     except AdapterFormatError as e:
         raise _fail(name, str(e)) from e
+
+
+class FileDescriptions:
+    """Answers about model files, computed once per file version (path, size, mtime): reading
+    headers is cheap, but a folder is listed again on every prompt."""
+
+    def __init__(self, describe, unreadable):
+        self._describe, self._unreadable = describe, unreadable
+        self._cache: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, path):
+        path = os.fspath(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            return self._unreadable(f"not readable ({e.strerror})")
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            hit = self._describe(path)
+            with self._lock:
+                self._cache[key] = hit
+        return hit

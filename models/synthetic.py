@@ -177,7 +177,7 @@ def save_synthetic_mip_adapter(path, layout: str = "base", *, nested: bool = Tru
 # ---------------------------------------------------------------------------------------
 # DiT adapters (Flux XLabs, Flux InstantX, SD3.5 InstantX), tiny by default
 
-# Key layouts a writer can produce, per family (dit_facts.md lists where each one comes from):
+# Key layouts a writer can produce, per family (models/dit_families.py says where each one comes from):
 #   xlabs:  "xlabs"    XLabs' own file: ip_adapter_proj_model.* + double_blocks.N.processor.ip_adapter_double_stream_*
 #           "diffusers" diffusers' conversion: image_proj.* + ip_adapter.N.to_{k,v}_ip.{weight,bias}
 #           "mixed"    image_proj.* + double_blocks.N.processor.* (diffusers' loader accepts this mix)

@@ -5,11 +5,10 @@ The description is cached by (real path, size, mtime): a folder listed again cos
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from .loading import AdapterFormatError, read_safetensors_header
+from .loading import FileDescriptions, AdapterFormatError, read_safetensors_header
 from .vision_encoder import VisionEncoderError, infer_vision_config
 
 __all__ = ["VisionFile", "describe_vision_file", "encoder_fits", "encoder_needed", "published_name"]
@@ -94,25 +93,8 @@ def _describe_uncached(path: str) -> VisionFile:
                                           cfg.projection))
 
 
-_cache: dict[tuple, VisionFile] = {}
-_cache_lock = threading.Lock()
-
-
-def describe_vision_file(path: str | os.PathLike) -> VisionFile:
-    """What `path` is, from its header. Never raises for a bad file: the answer says what is wrong."""
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return VisionFile("other", problem=f"not readable ({e.strerror})")
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    with _cache_lock:
-        hit = _cache.get(key)
-    if hit is None:
-        hit = _describe_uncached(path)
-        with _cache_lock:
-            _cache[key] = hit
-    return hit
+# What `path` is, from its header. Never raises for a bad file: the answer says what is wrong.
+describe_vision_file = FileDescriptions(_describe_uncached, lambda why: VisionFile("other", problem=why))
 
 
 def encoder_needed(spec) -> str:

@@ -278,7 +278,7 @@ def test_dtypes():
 
 
 # ---------------------------------------------------------------------------------------
-# The math, written out from the reference code (dit_facts.md), over the file's own key names
+# The math, written out from the reference code (see models/dit_families.py), over the file's own key names
 
 
 def _heads_rms(x, d, eps, gain=None):

@@ -6,8 +6,8 @@ and softmax attention are written out here. Nothing calls the host's forward cod
 the two compares two implementations. No ComfyUI import at module level (the tests get the host through
 their fixtures); this module only needs torch.
 
-Image-prompt hooks (the places where the published adapters add their term, see
-/work/notes/dit_reference_facts.md for the file/line of each fact):
+Image-prompt hooks (the places where the published adapters add their term; the README's "DiT adapters"
+section names the reference code each fact comes from):
 
   ip_attn_out(qkv) -> (B, L, H*D)    added to the attention output rows before the output projection:
         Flux / Chroma double block: the image rows, before img_attn.proj           (InstantX Flux)

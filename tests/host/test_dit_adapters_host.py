@@ -4,7 +4,7 @@ For every family and model (XLabs and InstantX on tiny Flux and Chroma, InstantX
 MMDiT) the adapter is applied with the pack's apply function, and the same sampling is run on a clone whose
 blocks are all replaced by dit_reference's plain-torch blocks, with the image-prompt term of the family added
 where its reference code adds it. The terms' K/V are computed here from the checkpoint tensors with the
-formulas of /work/notes-style facts written out (bias, per-head RMS norms, AdaLN), not with the pack's code.
+formulas of each family written out (bias, per-head RMS norms, AdaLN), not with the pack's code.
 Bound: max|Δ| / max|ref| <= 1e-4 on the 3-step latent, fp32 (the issue's bound)."""
 from __future__ import annotations
 
