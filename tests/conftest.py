@@ -3,6 +3,12 @@ import os
 # Triton kernels run on CPU through the interpreter; it must be set before triton loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Host paths given relative to where pytest starts (COMFYUI_PATH=../shared/host/ComfyUI) must mean
+# the same in the servers and subprocesses the tests start in other folders.
+for _var in ("COMFYUI_PATH", "IPADAPTER_PLUS_PATH"):
+    if os.environ.get(_var):
+        os.environ[_var] = os.path.abspath(os.environ[_var])
+
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
