@@ -2,7 +2,9 @@
 so a bad input never leaves a half-patched model behind."""
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -11,12 +13,14 @@ from ..models.encoding import combine_embeds as combine
 from .dit_apply import (bind_to_model, check_architecture, check_dit_fits, dit_prompt, install_dit_prompt,
                         sd3_block_norms)
 from .dit_patch import apply_model_wrapper, dit_prompts
-from .encode import COMBINE_METHODS, encode_images, image_tokens
+from .encode import COMBINE_METHODS
+from .encoders import FaceOptions, each_part, encode, project
 from .patch import begin_run, install
 from .prompt import ImagePrompt
 from .schedules import EMBEDS_SCALING, resolve_site_weights
 from .unet_sites import unet_attn2_sites
 
+log = logging.getLogger("ipadapter_fused")
 ADDITIONAL_MODELS_KEY = "ipadapter_fused"
 MIDDLE_BLOCK = ("patch", "skip (IPAdapter_plus compatible)")
 
@@ -74,6 +78,44 @@ def _first_difference(spec, sites) -> Optional[str]:
     return None
 
 
+def faceid_lora_plan(spec, unet, strength: float):
+    """The FaceID LoRA held in the checkpoint, as a step to run on the patched clone (None when the
+    family has none, or the user turned it off: then one warning, since those adapters were trained
+    with it). Fit is checked here, before any clone exists."""
+    lora_spec = getattr(spec, "lora", None)
+    if lora_spec is None:
+        return None
+    from .faceid_lora import missing_lora_warning
+
+    if strength == 0.0:
+        text = missing_lora_warning(spec.face.kind if spec.face else "faceid", False)
+        if text:
+            log.warning(text)
+        return None
+
+    def apply_lora(patched, adapter):
+        from .faceid_lora import apply_faceid_lora
+
+        apply_faceid_lora(patched, adapter.weights.lora_weights(), strength)
+    return apply_lora
+
+
+def through_host_projection(spec, unet, tokens: torch.Tensor) -> torch.Tensor:
+    """Kolors FaceID-Plus makes 4096-wide tokens that reach its K/V through the UNet's own
+    encoder_hid_proj (the text path's 4096 -> 2048 projection): run them through it once here."""
+    face = getattr(spec, "face", None)
+    if face is None or face.token_width == spec.context_dim:
+        return tokens
+    proj = getattr(unet, "encoder_hid_proj", None)
+    if proj is None or getattr(proj, "in_features", None) != face.token_width:
+        raise ValueError(
+            f"this {spec.family_name} makes {face.token_width}-wide tokens that go through a Kolors UNet's "
+            "encoder_hid_proj; the model has none. Use it with a Kolors UNet (the Kolors model loader).")
+    w = proj.weight
+    with torch.no_grad():
+        return proj(tokens.to(w.device, w.dtype)).to(tokens.dtype)
+
+
 def _check_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if mask is None:
         return None
@@ -119,8 +161,29 @@ def weigh_images(pos, neg, weights, method: str):
         return pos, neg
     from ..models.encoding import combine_embeds_weighted
 
-    pos = combine_embeds_weighted(pos, weights, method)
+    pos = each_part(pos, lambda t: combine_embeds_weighted(t, weights, method))
     return pos, (neg if method == "concat" else neg[:1])
+
+
+def _kept_weights(per_image, encoded):
+    """Image weights of the images that kept a face (skipped images drop out with their factor)."""
+    if per_image is None or encoded.image_index is None:
+        return per_image
+    return [per_image[i] for i in encoded.image_index]
+
+
+def image_tokens(adapter, spec, pos, neg, combine_embeds: str, face: FaceOptions) -> torch.Tensor:
+    """(2, N, T, C) tokens: row 0 positive, row 1 negative, N images (1 unless `concat`, where the
+    patch joins the N images' tokens along the sequence: one softmax over all of them, which is
+    what the established implementation's batch reshaping amounts to)."""
+    from ..models.encoding import check_embeds
+
+    if combine_embeds != "concat" and pos.shape[0] > 1:
+        pos, neg = each_part(pos, lambda t: combine(t, combine_embeds)), neg[:1]
+    tp, tn = project(adapter.weights, pos, neg, spec, face)
+    tokens = torch.stack([tp, tn])
+    check_embeds(tokens, "image tokens")
+    return tokens
 
 
 def run_wrapper(executor, *args, **kwargs):
@@ -161,6 +224,9 @@ def apply_adapter(
     layer_weights: str = "",
     weight_composition: float = 1.0,
     image_weights: str = "",
+    insightface=None,
+    face: FaceOptions = FaceOptions(),
+    faceid_lora_strength: float = 1.0,
 ):
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
@@ -177,8 +243,9 @@ def apply_adapter(
             raise ValueError(f"{name} is {value}; it must be a finite number")
     if not 0.0 <= start_at <= end_at <= 1.0:
         raise ValueError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in [0, 1]")
-    if clip_vision is None:
-        raise ValueError("no CLIP vision model connected: load the one the adapter needs with a CLIP Vision loader")
+    if not math.isfinite(faceid_lora_strength):
+        raise ValueError(f"faceid_lora_strength is {faceid_lora_strength}; it must be a finite number")
+    face = replace(face, adapter_name=face.adapter_name or getattr(adapter, "name", ""))
 
     spec = adapter.spec
     unet = model.get_model_object("diffusion_model")
@@ -190,8 +257,8 @@ def apply_adapter(
             sd3_block_norms(unet)  # refuses q/k norms it cannot convert, before any work
         mask = _check_mask(attn_mask)
         per_image = parse_image_weights(image_weights, image.shape[0] if isinstance(image, torch.Tensor) else 0)
-        pos, neg = encode_images(clip_vision, spec, image, image_negative)
-        pos, neg = weigh_images(pos, neg, per_image, combine_embeds)
+        encoded = encode(spec, clip_vision, insightface, image, image_negative, face)
+        pos, neg = weigh_images(encoded.pos, encoded.neg, per_image, combine_embeds)
         if combine_embeds != "concat" and pos.shape[0] > 1:
             pos, neg = combine(pos, combine_embeds), neg[:1]
         mm.load_models_gpu([adapter.patcher])
@@ -210,15 +277,14 @@ def apply_adapter(
     check_adapter_fits(spec, sites, kolors_model=getattr(unet, "encoder_hid_proj", None) is not None)
     site_weights = resolve_site_weights(sites, weight_type, weight, weight_composition, layer_weights)
     mask = _check_mask(attn_mask)
+    lora = faceid_lora_plan(spec, unet, faceid_lora_strength)
 
     per_image = parse_image_weights(image_weights, image.shape[0] if isinstance(image, torch.Tensor) else 0)
-    pos, neg = encode_images(clip_vision, spec, image, image_negative)
-    pos, neg = weigh_images(pos, neg, per_image, combine_embeds)
+    encoded = encode(spec, clip_vision, insightface, image, image_negative, face)
+    pos, neg = weigh_images(encoded.pos, encoded.neg, _kept_weights(per_image, encoded), combine_embeds)
     mm.load_models_gpu([adapter.patcher])
-    param = next(adapter.weights.parameters())
-    tokens = image_tokens(adapter.weights, pos.to(param.device, param.dtype), neg.to(param.device, param.dtype),
-                          combine_embeds)
-    tokens = tokens.to(mm.intermediate_device())
+    tokens = image_tokens(adapter, spec, pos, neg, combine_embeds, face)
+    tokens = through_host_projection(spec, unet, tokens).to(mm.intermediate_device())
 
     sampling = model.get_model_object("model_sampling")
     skip = frozenset(s.key for s in sites if s.block == "middle") if middle_block != "patch" else frozenset()
@@ -234,6 +300,8 @@ def apply_adapter(
     patched = model.clone()
     patched.model_options["transformer_options"] = install(patched.model_options, sites, entry, skip)
     _register(patched, adapter, pe)
+    if lora is not None:
+        lora(patched, adapter)
     return patched
 
 

@@ -5,6 +5,7 @@ from .apply import MIDDLE_BLOCK, apply_adapter
 from .auto_select import AUTO_CLIP_VISION, resolve_clip_vision
 from .clip_vision import IPAdapterFusedClipVisionLoader
 from .encode import COMBINE_METHODS
+from .encoders import FACE_EMBEDDING, FACE_STRUCTURE, FaceOptions
 from .loaders import FOLDER, load_adapter
 from .model_files import all_valid, validate_file
 from .schedules import EMBEDS_SCALING, WEIGHT_TYPES
@@ -33,6 +34,33 @@ def _common_widgets():
                                "tooltip": "Fraction of the sampling schedule at which the image prompt starts acting."}),
         "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
                              "tooltip": "Fraction of the sampling schedule after which the image prompt stops acting."}),
+    }
+
+
+def face_widgets():
+    """The apply node's inputs for the face families (FaceID, FaceID Plus, Portrait, InstantID's adapter,
+    Kolors FaceID); other adapters ignore them."""
+    return {
+        "insightface": ("IPAF_INSIGHTFACE", {"tooltip": "Face analysis from 'InsightFace Loader (Fused)'. Needed by "
+                        "the face families (FaceID, FaceID Plus, Portrait, InstantID, Kolors FaceID), which read an "
+                        "identity embedding of the face in each reference image; other adapters ignore it."}),
+        "face_structure": (list(FACE_STRUCTURE), {"default": "auto",
+                           "tooltip": "FaceID Plus only. V2 adds the face-embedding tokens back on top of the CLIP "
+                                      "refinement (a shortcut with its own weight); V1 does not. The two are trained "
+                                      "differently but hold the same keys, so the file cannot tell: 'auto' reads "
+                                      "'v2' in the file name (faceid-plusv2 -> V2, faceid-plus -> V1). Kolors "
+                                      "FaceID-Plus always uses the shortcut."}),
+        "face_structure_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
+                                  "tooltip": "Weight of the V2 shortcut (the face structure): higher keeps the "
+                                             "face's shape closer to the reference."}),
+        "face_embedding": (list(FACE_EMBEDDING), {"default": "auto",
+                           "tooltip": "Normed or raw identity embedding, for the families whose files exist in both "
+                                      "kinds with the same keys (FaceID Portrait SDXL); 'auto' reads 'unnorm' in the "
+                                      "file name. The other families fix it."}),
+        "faceid_lora_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                 "tooltip": "FaceID and FaceID Plus files carry a LoRA for the model that they were "
+                                            "trained with; it is applied automatically at this strength (no separate "
+                                            "LoRA file needed). 0 turns it off (with a warning in the log)."}),
     }
 
 
@@ -120,16 +148,20 @@ class IPAdapterFusedApply:
                 "image_weights": ("STRING", {"default": "",
                                   "tooltip": "Optional factor per reference image, e.g. '1.0, 0.5', applied to the "
                                              "images' encodings before combine_embeds merges them (empty: all 1)."}),
+                **face_widgets(),
             },
         }
 
     def apply(self, model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
               combine_embeds, embeds_scaling, middle_block, image_negative=None, attn_mask=None,
-              layer_weights="", weight_composition=1.0, image_weights=""):
+              layer_weights="", weight_composition=1.0, image_weights="", insightface=None,
+              face_structure="auto", face_structure_weight=1.0, face_embedding="auto", faceid_lora_strength=1.0):
         _require_tensor(attn_mask, "attn_mask", "MASK")
+        face = FaceOptions(structure=face_structure, structure_weight=face_structure_weight, embedding=face_embedding)
         return (apply_adapter(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
                               combine_embeds, embeds_scaling, middle_block, image_negative, attn_mask,
-                              layer_weights, weight_composition, image_weights),)
+                              layer_weights, weight_composition, image_weights, insightface, face,
+                              faceid_lora_strength),)
 
 
 class IPAdapterFusedSimple:
