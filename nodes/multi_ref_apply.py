@@ -87,6 +87,10 @@ def apply_multi_reference(model, adapter, clip_vision, images: Sequence[torch.Te
     if spec.architecture != "unet":
         raise ValueError("merging references per position works with SD1.5/SDXL UNet adapters; on DiTs stack apply "
                          "nodes with masks instead")
+    if getattr(spec, "face", None) is not None:
+        raise ValueError(f"merging references per position reads CLIP encodings; this is a {spec.family_name}, which "
+                         "reads face embeddings. Stack 'Apply IPAdapter (Fused)' nodes with an attn_mask per face "
+                         "instead")
     unet = model.get_model_object("diffusion_model")
     if not hasattr(unet, "input_blocks"):
         raise ValueError("merging references per position works on SD1.5/SDXL UNets; this model is a DiT")
