@@ -1,0 +1,234 @@
+"""InstantID (SDXL) in one node: the face adapter through the pack's apply path, the keypoint image
+for the IdentityNet ControlNet, and the conditioning that makes that ControlNet read the face tokens.
+
+Facts this module follows (InstantID's SDXL pipeline and its ComfyUI port; see the README):
+- the adapter is a Plus resampler reading the RAW antelopev2 embedding (N, 1, 512) into 16 tokens;
+  the uncond rows read the projection of the zero embedding;
+- the IdentityNet ControlNet's cross-attention context is those image tokens, not the text
+  (the pipeline calls the ControlNet with encoder_hidden_states=prompt_image_emb);
+- in ComfyUI that context travels in a conditioning's `cross_attn_controlnet` entry, which the host
+  turns into the model cond `crossattn_controlnet` that its ControlNet reads instead of c_crossattn;
+- the ControlNet's picture is the five keypoints drawn on black (see draw_keypoints)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+# Conditioning entry the host hands to its ControlNet as cross-attention context (model_base.extra_conds
+# maps it to 'crossattn_controlnet', which ControlNet.get_control reads in place of 'c_crossattn').
+CONTROLNET_CONTEXT_KEY = "cross_attn_controlnet"
+
+# Keypoints in insightface's order: left eye, right eye, nose, left mouth corner, right mouth corner.
+# One RGB colour per point; a limb joins each other point to the nose and takes that point's colour.
+KPS_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
+NOSE = 2
+LIMB_ENDS = (0, 1, 3, 4)
+LIMB_HALF_WIDTH = 4       # the ellipse's short half-axis, in pixels
+LIMB_DIM = 0.6            # limbs are dimmed (truncated to 8 bits) before the points are drawn on top
+POINT_RADIUS = 10
+# The IdentityNet was trained on SDXL: its cross-attention reads 2048-wide tokens.
+SDXL_CONTEXT = 2048
+
+
+# --------------------------------------------------------------------------------------------------
+# Keypoint picture
+# --------------------------------------------------------------------------------------------------
+def draw_keypoints(kps, height: int, width: int) -> torch.Tensor:
+    """The IdentityNet's control picture: (1, height, width, 3) float IMAGE in 0..1.
+
+    On a black canvas, each limb (eye or mouth corner -> nose) is a filled ellipse around the limb's
+    midpoint, half-axes (limb length / 2, 4 px) along the limb, in the colour of its outer point; the
+    limbs are scaled by 0.6 (8-bit, truncated); then each keypoint is a filled disc of radius 10 px in
+    its full colour. Coordinates are pixels (x right, y down), as insightface gives them."""
+    kps = np.asarray(kps, dtype=np.float64)
+    if kps.shape != (5, 2) or not np.isfinite(kps).all():
+        raise ValueError(f"keypoints must be 5 finite (x, y) points, got an array of shape {kps.shape}")
+    height, width = int(height), int(width)
+    if height < 1 or width < 1:
+        raise ValueError(f"the keypoint picture needs a positive size, got {width}x{height}")
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    canvas = np.zeros((height, width, 3), dtype=np.float64)
+
+    for end in LIMB_ENDS:
+        (x0, y0), (x1, y1) = kps[end], kps[NOSE]
+        length = math.hypot(x0 - x1, y0 - y1)
+        # whole-pixel centre and half-axes, like an integer raster ellipse
+        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+        a, b = max(int(length / 2), 0.5), LIMB_HALF_WIDTH
+        angle = math.atan2(y0 - y1, x0 - x1)
+        c, s = math.cos(angle), math.sin(angle)
+        u = (xs - cx) * c + (ys - cy) * s       # along the limb
+        v = -(xs - cx) * s + (ys - cy) * c      # across it
+        inside = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+        canvas[inside] = KPS_COLOURS[end]
+    canvas = np.floor(canvas * LIMB_DIM)
+
+    for point, colour in zip(kps, KPS_COLOURS):
+        px, py = int(point[0]), int(point[1])
+        canvas[(xs - px) ** 2 + (ys - py) ** 2 <= POINT_RADIUS ** 2] = colour
+    return torch.from_numpy(canvas / 255.0).float()[None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditioning
+# --------------------------------------------------------------------------------------------------
+def _host_controlnet_apply():
+    import nodes as host_nodes  # the host's nodes.py (the pack's own package is imported relatively)
+
+    return host_nodes.ControlNetApplyAdvanced()
+
+
+def instantid_conditioning(positive, negative, control_net, kps_image: torch.Tensor, pos_tokens: torch.Tensor,
+                           neg_tokens: torch.Tensor, strength: float, start_at: float, end_at: float, vae=None):
+    """(positive, negative) with the ControlNet applied as the host's 'Apply ControlNet' node does
+    (same hint, strength, window, chaining), and each row's ControlNet context set to image tokens:
+    the face tokens on the positive rows, the zero embedding's tokens on the negative rows."""
+    for name, tokens in (("pos_tokens", pos_tokens), ("neg_tokens", neg_tokens)):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise ValueError(f"{name} must be image tokens of shape (B, T, C), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    if strength == 0:  # the host's node leaves the conditioning untouched then; so does this
+        return positive, negative
+    import comfy.model_management as mm
+
+    positive, negative = _host_controlnet_apply().apply_controlnet(
+        positive, negative, control_net, kps_image, strength, start_at, end_at, vae=vae)
+    device = mm.intermediate_device()
+
+    def with_context(conditioning, tokens):
+        tokens = tokens.to(device)
+        return [[t[0], {**t[1], CONTROLNET_CONTEXT_KEY: tokens}] for t in conditioning]
+
+    return with_context(positive, pos_tokens), with_context(negative, neg_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks (all before any work)
+# --------------------------------------------------------------------------------------------------
+def is_instantid_adapter(spec) -> bool:
+    face = getattr(spec, "face", None)
+    if face is not None:
+        return face.kind == "face-resampler"
+    return False
+
+
+def check_instantid_adapter(adapter) -> None:
+    spec = getattr(adapter, "spec", None)
+    if spec is None:
+        raise ValueError("ipadapter must come from 'IPAdapter Loader (Fused)' (got "
+                         f"{type(adapter).__name__})")
+    if not is_instantid_adapter(spec):
+        raise ValueError(
+            f"this is a {spec.family_name}, not InstantID's face adapter. 'InstantID (Fused)' needs InstantID's "
+            "ip-adapter.bin (a 16-token resampler reading the antelopev2 face embedding); use 'Apply IPAdapter "
+            "(Fused)' for other adapters.")
+    if spec.context_dim != SDXL_CONTEXT:
+        raise ValueError(f"InstantID is an SDXL method; this adapter's tokens are {spec.context_dim} wide "
+                         f"(SDXL: {SDXL_CONTEXT})")
+
+
+def _attn2_context_width(module) -> Optional[int]:
+    for name, sub in module.named_modules():
+        if name.endswith("attn2") and hasattr(sub, "to_k"):
+            return int(sub.to_k.in_features)
+    return None
+
+
+def check_controlnet(control_net, unet, token_width: int) -> None:
+    """The IdentityNet is an SDXL ControlNet: its cross-attention reads the adapter's tokens and its
+    outputs add onto the model's blocks, so both must fit before sampling."""
+    import comfy.controlnet
+
+    if not isinstance(control_net, comfy.controlnet.ControlNet):
+        raise ValueError(
+            f"control_net must be InstantID's IdentityNet ControlNet (an SDXL ControlNet loaded with 'Load "
+            f"ControlNet Model'); got a {type(control_net).__name__}")
+    cmodel = getattr(control_net, "control_model", None)
+    if cmodel is None:  # built lazily (Control-LoRA): nothing to inspect yet
+        return
+    width = _attn2_context_width(cmodel)
+    if width is None:
+        raise ValueError("this ControlNet has no cross-attention, so it cannot read the face tokens; connect "
+                         "InstantID's IdentityNet ControlNet")
+    if width != token_width:
+        raise ValueError(
+            f"this ControlNet's cross-attention reads context width {width}, but the face tokens are {token_width} "
+            "wide: InstantID's IdentityNet is an SDXL ControlNet (context width 2048); connect it instead")
+    blocks = (getattr(cmodel, "model_channels", None), len(getattr(cmodel, "input_blocks", [])))
+    model_blocks = (getattr(unet, "model_channels", None), len(getattr(unet, "input_blocks", [])))
+    if None not in blocks + model_blocks and blocks != model_blocks:
+        raise ValueError(
+            f"the ControlNet does not fit the model: it has {blocks[1]} input blocks of base width {blocks[0]}, the "
+            f"model {model_blocks[1]} of base width {model_blocks[0]}. InstantID's IdentityNet is made for SDXL "
+            "models; use it with an SDXL checkpoint")
+
+
+def _check_number(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} is {value}; it must be a finite number")
+
+
+# --------------------------------------------------------------------------------------------------
+# Faces
+# --------------------------------------------------------------------------------------------------
+class _FacesOnce:
+    """The face analysis with each batch's detection kept, so the adapter path and this node do not
+    detect the same faces twice."""
+
+    def __init__(self, analysis):
+        self._analysis = analysis
+        self._found = {}
+
+    @staticmethod
+    def _key(images: torch.Tensor):
+        return (images.data_ptr(), tuple(images.shape), tuple(images.stride()), images.dtype, images._version)
+
+    def find_faces(self, images):
+        key = self._key(images)
+        if key not in self._found:
+            self._found[key] = self._analysis.find_faces(images)
+        return self._found[key]
+
+    def __getattr__(self, name):
+        return getattr(self._analysis, name)
+
+
+def _check_insightface(insightface) -> None:
+    if insightface is None or not hasattr(insightface, "find_faces"):
+        raise ValueError("insightface must come from 'InsightFace Loader (Fused)' with the antelopev2 model pack "
+                         f"(got {type(insightface).__name__})")
+
+
+def _find(analysis, images: torch.Tensor, what: str):
+    try:
+        faces = analysis.find_faces(images)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
+    if not faces:
+        raise ValueError(f"{what}: no face found")
+    return faces
+
+
+def keypoint_images(analysis, images: torch.Tensor) -> torch.Tensor:
+    """One keypoint picture per image that holds a face, each the size of its image."""
+    faces = _find(analysis, images[..., :3], "image_kps (the keypoints picture)")
+    h, w = images.shape[1:3]
+    return torch.cat([draw_keypoints(f.kps, h, w) for f in faces])
+
+
+def face_tokens(adapter, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) tokens (1, 16, C) of the averaged raw embeddings and of the zero embedding,
+    as the adapter's projection makes them."""
+    import comfy.model_management as mm
+
+    mean = embeds.float().mean(dim=0, keepdim=True)
+    mm.load_models_gpu([adapter.patcher])
+    weights = adapter.weights
+    p = next(weights.parameters())
+    with torch.no_grad():
+        pos = weights.image_tokens(mean.to(p.device, p.dtype))
+        neg = weights.image_tokens(torch.zeros_like(mean).to(p.device, p.dtype))
+    return pos.float(), neg.float()
