@@ -23,16 +23,44 @@ if TYPE_CHECKING:
 __all__ = ["IPAdapterWeights", "load_adapter_file"]
 
 
-class _LayerKV(nn.Module):
-    """The K/V projections of one cross-attention layer (names as in the checkpoint), and for
-    MIP-Adapter its gate `text_to_weight` (Linear(width, 1, bias=False))."""
+class _LoRA(nn.Module):
+    """One low-rank update W += up @ down of the host's own attention weights (FaceID):
+    `down` (r, in) and `up` (out, r), without bias, named as in the checkpoint."""
 
-    def __init__(self, context_dim: int, width: int, gate: bool = False):
+    def __init__(self, fan_in: int, fan_out: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(fan_in, rank, bias=False)
+        self.up = nn.Linear(rank, fan_out, bias=False)
+
+
+def _add_lora(module: nn.Module, width: int, kv_in: int, rank: int) -> None:
+    module.to_q_lora = _LoRA(width, width, rank)
+    module.to_k_lora = _LoRA(kv_in, width, rank)
+    module.to_v_lora = _LoRA(kv_in, width, rank)
+    module.to_out_lora = _LoRA(width, width, rank)
+
+
+class _SelfAttentionLoRA(nn.Module):
+    """The LoRA of one self-attention (attn1) processor, an even `ip_adapter.N` of a FaceID checkpoint."""
+
+    def __init__(self, width: int, rank: int):
+        super().__init__()
+        _add_lora(self, width, width, rank)
+
+
+class _LayerKV(nn.Module):
+    """The K/V projections of one cross-attention layer (names as in the checkpoint), for
+    MIP-Adapter its gate `text_to_weight` (Linear(width, 1, bias=False)), and for FaceID the
+    LoRA of the layer's own q/k/v/out projections."""
+
+    def __init__(self, context_dim: int, width: int, gate: bool = False, lora_rank: Optional[int] = None):
         super().__init__()
         self.to_k_ip = nn.Linear(context_dim, width, bias=False)
         self.to_v_ip = nn.Linear(context_dim, width, bias=False)
         if gate:
             self.text_to_weight = nn.Linear(width, 1, bias=False)
+        if lora_rank:
+            _add_lora(self, width, context_dim, lora_rank)
 
 
 def _check_finite(flat: Mapping[str, torch.Tensor]) -> None:
@@ -91,9 +119,14 @@ class IPAdapterWeights(nn.Module):
         super().__init__()
         self.spec = spec
         self.image_proj = build_projection(spec)
-        self.ip_adapter = nn.ModuleDict(
-            {str(2 * i + 1): _LayerKV(spec.context_dim, w, spec.mip_gate) for i, w in enumerate(spec.layer_dims)}
-        )
+        lora = set(spec.lora.processors) if spec.lora else set()
+        rank = spec.lora.rank if spec.lora else None
+        layers: dict[str, nn.Module] = {}
+        for i, w in enumerate(spec.layer_dims):
+            if 2 * i in lora:
+                layers[str(2 * i)] = _SelfAttentionLoRA(w, rank)
+            layers[str(2 * i + 1)] = _LayerKV(spec.context_dim, w, spec.mip_gate, rank if 2 * i + 1 in lora else None)
+        self.ip_adapter = nn.ModuleDict(layers)
 
     # -- construction -------------------------------------------------------------------
 
@@ -120,12 +153,22 @@ class IPAdapterWeights(nn.Module):
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
 
-    def image_tokens(self, embeds: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, embeds: torch.Tensor, clip_hidden: Optional[torch.Tensor] = None,
+                     shortcut_scale: Optional[float] = None) -> torch.Tensor:
         """Encoder output -> (N, T, C) image tokens, computed in the module's device/dtype.
 
         base layouts take image_embeds (N, E); plus and full-face take hidden states
-        (N, L, E). A missing batch dim is added."""
+        (N, L, E). A missing batch dim is added. Face families (spec.face) take face embeddings
+        (N, 512), normed or raw as the caller decided; FaceID Plus also the CLIP hidden states of the
+        face crops (N, L, W) in `clip_hidden`, and `shortcut_scale` switches on the V2 shortcut
+        (x + s * out; None: V1). Kolors FaceID-Plus always uses the shortcut (None means 1.0, its
+        pipeline's default) and gives tokens of width spec.face.token_width: see context_tokens."""
         spec = self.spec
+        if spec.face is not None:
+            return self._face_tokens(embeds, clip_hidden, shortcut_scale)
+        if clip_hidden is not None or shortcut_scale is not None:
+            raise ValueError(f"this {spec.family_name} reads one encoder output; clip_hidden and shortcut_scale "
+                             "belong to the FaceID Plus family")
         want = 2 if spec.encoder_input == "image_embeds" else 3
         if embeds.dim() == want - 1:
             embeds = embeds.unsqueeze(0)
@@ -138,6 +181,74 @@ class IPAdapterWeights(nn.Module):
         p = self._param()
         return self.image_proj(embeds.to(device=p.device, dtype=p.dtype))
 
+    def _face_tokens(self, embeds: torch.Tensor, clip_hidden: Optional[torch.Tensor],
+                     shortcut_scale: Optional[float]) -> torch.Tensor:
+        spec, face = self.spec, self.spec.face
+        e = face.embedding_width
+        if embeds.dim() == 1:
+            embeds = embeds.unsqueeze(0)
+        # the face-embedding resampler reads a sequence: one embedding per image is a 1-token sequence
+        ok_dims = (2, 3) if spec.layout == "plus" else (2,)
+        if embeds.dim() not in ok_dims or embeds.shape[-1] != e:
+            raise ValueError(f"this {spec.family_name} reads InsightFace face embeddings of shape (N, {e}), got a "
+                             f"tensor of shape {tuple(embeds.shape)}")
+        p = self._param()
+        embeds = embeds.to(device=p.device, dtype=p.dtype)
+        if not face.uses_clip:
+            if clip_hidden is not None or shortcut_scale is not None:
+                raise ValueError(f"this {spec.family_name} reads the face embedding alone; clip_hidden and "
+                                 "shortcut_scale belong to the FaceID Plus family")
+            if spec.layout == "plus":
+                return self.image_proj(embeds if embeds.dim() == 3 else embeds.unsqueeze(1))
+            return self.image_proj(embeds)
+        if clip_hidden is None:
+            raise ValueError(f"this {spec.family_name} also reads the {spec.encoder_name} penultimate hidden states "
+                             f"of the face crops (clip_hidden, shape (N, L, {spec.encoder_width}))")
+        if clip_hidden.dim() == 2:
+            clip_hidden = clip_hidden.unsqueeze(0)
+        n, m = embeds.shape[0], clip_hidden.shape[0]
+        if clip_hidden.dim() != 3 or clip_hidden.shape[-1] != spec.encoder_width or (n != m and 1 not in (n, m)):
+            raise ValueError(f"this {spec.family_name} reads {spec.encoder_name} hidden states of shape "
+                             f"({n}, L, {spec.encoder_width}) beside {n} face embeddings, got clip_hidden of shape "
+                             f"{tuple(clip_hidden.shape)}")
+        if face.shortcut == "always" and shortcut_scale is None:
+            shortcut_scale = 1.0
+        elif face.shortcut == "none" and shortcut_scale is not None:
+            raise ValueError(f"this {spec.family_name} has no shortcut")
+        return self.image_proj(embeds, clip_hidden.to(device=p.device, dtype=p.dtype),
+                               None if shortcut_scale is None else float(shortcut_scale))
+
+    def context_tokens(self, tokens: torch.Tensor, encoder_hid_proj=None) -> torch.Tensor:
+        """Tokens as the layers' to_k_ip / to_v_ip read them. Kolors FaceID-Plus makes 4096-wide tokens
+        that pass the Kolors UNet's own encoder_hid_proj (Linear 4096 -> 2048, with bias; an nn.Linear or a
+        (weight, bias) pair) first, as its text does; every other family's tokens are returned as they are."""
+        face = self.spec.face
+        if face is None or face.token_width == self.spec.context_dim:
+            return tokens
+        if encoder_hid_proj is None:
+            raise ValueError(f"this {self.spec.family_name} makes {face.token_width}-wide tokens that pass the UNet's "
+                             f"encoder_hid_proj ({face.token_width} -> {self.spec.context_dim}); the model has none "
+                             "(use a Kolors UNet)")
+        weight, bias = (encoder_hid_proj.weight, encoder_hid_proj.bias) if isinstance(encoder_hid_proj, nn.Module) \
+            else encoder_hid_proj
+        if tuple(weight.shape) != (self.spec.context_dim, face.token_width):
+            raise ValueError(f"the UNet's encoder_hid_proj maps {weight.shape[1]} -> {weight.shape[0]}, but this "
+                             f"{self.spec.family_name} needs {face.token_width} -> {self.spec.context_dim}")
+        tokens = tokens.to(device=weight.device, dtype=weight.dtype)
+        return F.linear(tokens, weight, None if bias is None else bias.to(weight.dtype))
+
+    def lora_weights(self) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The FaceID LoRA: processor N -> {"q", "k", "v", "out"} -> (down (r, in), up (out, r)); N even is
+        attn1 and N odd attn2 of transformer block N // 2 (processor order). Empty without LoRA."""
+        if self.spec.lora is None:
+            return {}
+        out = {}
+        for n in self.spec.lora.processors:
+            module = self.ip_adapter[str(n)]
+            out[n] = {p: (getattr(module, f"to_{p}_lora").down.weight, getattr(module, f"to_{p}_lora").up.weight)
+                      for p in ("q", "k", "v", "out")}
+        return out
+
     def _layer(self, i: int) -> _LayerKV:
         if not 0 <= i < self.spec.num_layers:
             raise IndexError(f"layer {i} out of range: this adapter has {self.spec.num_layers} layers")
@@ -145,9 +256,12 @@ class IPAdapterWeights(nn.Module):
 
     def _check_tokens(self, tokens: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[-1] != self.spec.context_dim:
+            face = self.spec.face
+            hint = ("; pass them through context_tokens() with the UNet's encoder_hid_proj first"
+                    if face is not None and face.token_width == tokens.shape[-1] else "")
             raise ValueError(
                 f"image tokens have width {tokens.shape[-1]}, but this adapter's layers read "
-                f"width {self.spec.context_dim}"
+                f"width {self.spec.context_dim}{hint}"
             )
         p = self._param() if like is None else like
         return tokens.to(device=p.device, dtype=p.dtype)

@@ -15,22 +15,28 @@ import torch
 
 from .loading import AdapterFormatError, _example_list, flatten_state, group_state
 
-__all__ = ["AdapterSpec", "detect_family", "expected_shapes", "HEAD_DIM", "LAYOUTS"]
+__all__ = ["AdapterSpec", "FaceSpec", "LoraSpec", "detect_family", "expected_shapes", "HEAD_DIM", "LAYOUTS"]
 
 # All published Plus-type resamplers use 64-wide heads; the head count is only recoverable
 # from the checkpoint because of that convention (rows of to_q / 64).
 HEAD_DIM = 64
 
 LAYOUTS = ("base", "plus", "full-face")
+# Face families' own projections (models/face_families.py): the FaceID MLP (FaceID, Portrait) and the
+# MLP + perceiver of FaceID Plus (also Kolors FaceID-Plus). The face-embedding resampler is a "plus".
+FACE_LAYOUTS = ("faceid", "faceid-plus")
 
 # Width of the encoder output -> the CLIP vision model that produces it. The projection
 # ("image_embeds") and hidden ("penultimate") widths differ for the same encoder.
 _IMAGE_EMBEDS_ENCODERS = {768: "CLIP ViT-L/14", 1024: "CLIP ViT-H/14", 1280: "CLIP ViT-bigG/14"}
 _HIDDEN_ENCODERS = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
+# Kolors IP-Adapter-Plus reads CLIP ViT-L/14 at 336 px (Kwai-Kolors/Kolors ipadapter/sample_ipadapter_plus.py:
+# clip-vit-large-patch14-336, ip_img_size = 336); the 224-px ViT-L/14 has the same width but other positions.
+KOLORS_PLUS_ENCODER = "CLIP ViT-L/14-336"
 
 # (number of attn2 layers, context width) -> base model the adapter was trained for.
 _ARCH_HINTS = {(16, 768): "sd15", (70, 2048): "sdxl"}
-_ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+_ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "kolors": "Kolors"}
 
 # Full-face projects every encoder token separately, so the checkpoint does not fix the
 # token count; 257 is what its encoder (ViT-H/14 at 224 px: 16x16 patches + class token) gives.
@@ -42,6 +48,27 @@ _LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
 _GATE_KEY = re.compile(r"^(\d+)\.text_to_weight\.weight$")
 # The published MIP-Adapter checkpoints (model_sdxl.bin, model_sdxl_plus.bin) are SDXL only.
 _MIP_LAYERS = 70
+
+
+@dataclass(frozen=True)
+class FaceSpec:
+    """What a face-identity adapter reads (models/face_families.py detects it)."""
+    kind: str            # "faceid" | "faceid-plus" | "portrait" | "face-resampler" | "kolors-faceid-plus"
+    embedding: str       # "normed" | "raw" | "choice" (the keys cannot tell; the node offers the choice)
+    uses_clip: bool      # also reads CLIP penultimate states of the aligned face crop
+    shortcut: str        # "none" | "choice" (FaceID Plus V1/V2) | "always" (Kolors FaceID-Plus)
+    crop_size: int       # 224 SD1.5, 256 SDXL, 336 Kolors: the aligned face crop given to CLIP
+    token_width: int     # width of the projected tokens (context_dim, except Kolors FaceID-Plus: 4096)
+    embedding_width: int = 512        # InsightFace recognition embedding
+    model_pack: str = "buffalo_l"     # the InsightFace pack the publisher's code uses
+    shortcut_default: bool = False    # FaceID Plus: V2 (shortcut on) unless the user says otherwise
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA a FaceID checkpoint holds for the UNet's own attention layers."""
+    rank: int
+    processors: tuple[int, ...]   # processor indices N holding LoRA (even: attn1, odd: attn2 of block N // 2)
 
 
 @dataclass(frozen=True)
@@ -74,9 +101,26 @@ class AdapterSpec:
     # MIP-Adapter: every layer also holds `text_to_weight` (Linear(width, 1, bias=False)), a gate read
     # off the layer's text attention output that weights the per-object image terms per position.
     mip_gate: bool = False
+    # Face identity families: what the face encoder must give, and the LoRA some of them carry.
+    face: Optional[FaceSpec] = None
+    lora: Optional[LoraSpec] = None
+
+    @property
+    def encoder(self) -> str:
+        """Which encoder feeds the projection: "clip-embeds" | "clip-hidden" | "siglip-pooled" |
+        "siglip-hidden" | "insightface" | "insightface+clip"."""
+        if self.face is not None:
+            return "insightface+clip" if self.face.uses_clip else "insightface"
+        if self.encoder_kind == "siglip":
+            return "siglip-pooled" if self.encoder_input == "pooled" else "siglip-hidden"
+        return "clip-embeds" if self.encoder_input == "image_embeds" else "clip-hidden"
 
     @property
     def family_name(self) -> str:
+        if self.face is not None:
+            from .face_families import face_family_name  # that module builds on this one
+
+            return face_family_name(self)
         if self.architecture != "unet":
             from .dit_families import DIT_FAMILY_NAMES  # that module builds on this one
 
@@ -90,6 +134,10 @@ class AdapterSpec:
         return "IP-Adapter"
 
     def describe(self) -> str:
+        if self.face is not None:
+            from .face_families import describe_face  # that module builds on this one
+
+            return describe_face(self)
         if self.architecture != "unet":
             from .dit_families import describe_dit  # that module builds on this one
 
@@ -127,6 +175,15 @@ def expected_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
         from .dit_families import expected_dit_shapes  # that module builds on this one
 
         return expected_dit_shapes(spec)
+    if spec.face is not None or spec.lora is not None:
+        from .face_families import expected_face_shapes  # that module builds on this one
+
+        return expected_face_shapes(spec)
+    return unet_shapes(spec)
+
+
+def unet_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+    """The CLIP-family projection (base / plus / full-face) and the per-layer K/V weights of a UNet adapter."""
     c, e = spec.context_dim, spec.encoder_width
     out: dict[str, tuple[int, ...]] = {}
     p = "image_proj."
@@ -193,23 +250,6 @@ def _foreign_hint(keys: list[str]) -> str:
     if has(lambda k: "quant_conv." in k):
         return "this looks like a VAE"
     return "this is not an IP-Adapter checkpoint"
-
-
-def _faceid_refusal(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> Optional[str]:
-    ip = groups.get("image_proj", {})
-    layers = groups.get("ip_adapter", {})
-    evidence = [f"ip_adapter.{k}" for k in layers if "_lora." in k]
-    evidence += [f"image_proj.{k}" for k in ip if k.startswith("perceiver_resampler.")]
-    if "proj.0.weight" in ip and "proj.2.weight" in ip and "proj.3.weight" not in ip:
-        evidence += ["image_proj.proj.0.weight", "image_proj.proj.2.weight"]
-        evidence += ["image_proj." + k for k in ("norm.weight",) if k in ip]
-    if not evidence:
-        return None
-    return (
-        f"this looks like an IP-Adapter FaceID / FaceID Plus / Portrait model (found keys like "
-        f"{_example_list(evidence, 3)}); FaceID-type adapters read an InsightFace face embedding "
-        "and are not supported yet by this pack"
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,6 +400,11 @@ def _check_mip_shape(num_layers: int, context: int) -> None:
     )
 
 
+def is_kolors_plus(context: int, resampler_dim: Optional[int]) -> bool:
+    """Kolors IP-Adapter-Plus: an SDXL-shaped Plus adapter whose resampler is 2048 wide (SDXL Plus: 1280)."""
+    return context == 2048 and resampler_dim == 2048
+
+
 def _encoder_name(width: int, encoder_input: str) -> str:
     table = _IMAGE_EMBEDS_ENCODERS if encoder_input == "image_embeds" else _HIDDEN_ENCODERS
     return table.get(width, f"CLIP vision of width {width}")
@@ -433,10 +478,17 @@ def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
     if dit_family_of(groups):
         return detect_dit_family(groups)
 
-    faceid = _faceid_refusal(groups)
-    if faceid:
-        raise AdapterFormatError(faceid)
+    from .face_families import detect_face_family, face_family_of  # that module builds on this one
 
+    if face_family_of(groups):
+        return detect_face_family(groups)
+    return detect_unet_family(groups)
+
+
+def check_groups(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Both halves of a UNet adapter present and nothing else, or an AdapterFormatError saying
+    what the file holds instead."""
+    all_keys = [f"{g}.{k}" if g else k for g, sub in groups.items() for k in sub]
     layers = groups.get("ip_adapter")
     ip = groups.get("image_proj")
     if not layers or not ip:
@@ -458,6 +510,11 @@ def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
             f"{_foreign_hint(keys)}, or a variant this pack does not know"
         )
 
+
+def detect_unet_family(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> AdapterSpec:
+    """The CLIP-image families (base, light, vit-G, Plus, Full-face, Kolors Plus, MIP-Adapter)."""
+    check_groups(groups)
+    layers, ip = groups["ip_adapter"], groups["image_proj"]
     context, widths = _parse_layers(layers)
     mip_gate = _parse_gates(layers, {2 * i + 1: w for i, w in enumerate(widths)})
     if mip_gate:
@@ -507,16 +564,25 @@ def detect_family(state: Mapping[str, Any]) -> AdapterSpec:
             "the two halves of the file do not belong together"
         )
 
+    encoder_name = _encoder_name(enc_width, encoder_input)
+    arch_hint = _ARCH_HINTS.get((len(widths), int(context)))
+    if layout == "plus" and is_kolors_plus(int(context), extra_fields["resampler_dim"]):
+        # Kolors' UNet has SDXL's layer shapes; only the 2048-wide resampler tells its adapter apart
+        # (ComfyUI_IPAdapter_plus IPAdapterPlus.py, is_kwai_kolors: layers.0.0.to_out rows == 2048).
+        arch_hint = "kolors" if arch_hint == "sdxl" else arch_hint
+        if enc_width == 1024:
+            encoder_name = KOLORS_PLUS_ENCODER
+
     spec = AdapterSpec(
         layout=layout,
         tokens=int(tokens),
         context_dim=int(context),
         encoder_width=enc_width,
         encoder_input=encoder_input,
-        encoder_name=_encoder_name(enc_width, encoder_input),
+        encoder_name=encoder_name,
         num_layers=len(widths),
         layer_dims=widths,
-        arch_hint=_ARCH_HINTS.get((len(widths), int(context))),
+        arch_hint=arch_hint,
         mip_gate=mip_gate,
         **extra_fields,
     )

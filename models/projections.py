@@ -135,4 +135,13 @@ def build_projection(spec: AdapterSpec) -> nn.Module:
         )
     if spec.layout == "full-face":
         return TokenMLP(spec.encoder_width, spec.context_dim)
+    if spec.layout in ("faceid", "faceid-plus"):
+        from .face_projections import FaceIDMLP, FaceIDPlusProjection  # that module builds on this one
+
+        face = spec.face
+        if spec.layout == "faceid":
+            return FaceIDMLP(face.embedding_width, spec.proj_hidden_dim, spec.tokens, face.token_width)
+        return FaceIDPlusProjection(face.embedding_width, spec.proj_hidden_dim, spec.tokens, face.token_width,
+                                    clip_width=spec.encoder_width, heads=spec.resampler_heads,
+                                    depth=spec.resampler_depth, ff_dim=spec.resampler_ff_dim)
     raise ValueError(f"no projection for layout {spec.layout!r}")

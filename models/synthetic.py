@@ -24,6 +24,10 @@ __all__ = [
     "save_synthetic_dit_adapter",
     "synthetic_mip_state",
     "save_synthetic_mip_adapter",
+    "FACE_KINDS",
+    "face_adapter_spec",
+    "synthetic_face_state",
+    "save_synthetic_face_adapter",
 ]
 
 _DEFAULT_TOKENS = {"base": 4, "plus": 16, "full-face": 257}
@@ -295,4 +299,127 @@ def save_synthetic_dit_adapter(path, family: str, layout: Optional[str] = None, 
     nested by first key component like the published .bin files (flat with nested=False).
     Returns the flat state that was written."""
     state = synthetic_dit_adapter_state(family, layout, **kwargs)
+    return write_state(path, state, nested)
+
+
+# ---------------------------------------------------------------------------------------
+# Face-identity adapters (models/face_families.py has the published layouts and their sources)
+
+FACE_KINDS = ("faceid", "faceid-plus", "portrait", "face-resampler", "kolors-faceid-plus")
+_FACE_DEFAULT_ARCH = {"faceid": "sd15", "faceid-plus": "sd15", "portrait": "sd15", "face-resampler": "sdxl",
+                      "kolors-faceid-plus": "kolors"}
+_FACE_CONTEXT = {"sd15": 768, "sdxl": 2048, "kolors": 2048}
+# The published sizes: MLP hidden 1024, LoRA rank 128, perceivers/resamplers 4 layers of 64-wide heads,
+# feed-forward 4x; FaceID Plus' perceiver is as wide as its tokens with width // 64 heads; the
+# face-embedding resampler is 1280 wide with 20 heads (InstantID, Portrait unnorm); Kolors FaceID-Plus
+# reads CLIP ViT-L/14-336 (1024), FaceID Plus CLIP ViT-H/14 (1280).
+_FACE_FULL = dict(model_channels=320, hidden=1024, lora_rank=128, depth=4, clip_width=None, resampler_dim=1280)
+_FACE_TINY = dict(model_channels=32, hidden=64, lora_rank=4, depth=1, clip_width=32, resampler_dim=64)
+
+
+def face_adapter_spec(kind: str, arch: Optional[str] = None, size: str = "tiny", *,
+                      model_channels: Optional[int] = None, context_dim: Optional[int] = None,
+                      tokens: Optional[int] = None, token_width: Optional[int] = None, lora: Optional[bool] = None,
+                      lora_rank: Optional[int] = None, hidden: Optional[int] = None, clip_width: Optional[int] = None,
+                      heads: Optional[int] = None, depth: Optional[int] = None, ff_dim: Optional[int] = None,
+                      resampler_dim: Optional[int] = None) -> AdapterSpec:
+    """The spec detection gives for a synthetic face adapter of `kind` (FACE_KINDS) for `arch`
+    ("sd15" | "sdxl" | "kolors"; default: the kind's published one) at `size` "full" (the published
+    shapes) or "tiny" (the layer structure of a 32-channel UNet with the real context width, everything
+    else small: MLP hidden 64, LoRA rank 4, one perceiver/resampler layer of one head, feed-forward 64,
+    CLIP width 32, Kolors token width 256). Keyword arguments override single dimensions; lora=False
+    leaves a FaceID file without its LoRA (as when it was stripped), lora=True adds one to any kind."""
+    from .face_families import FACE_EMBEDDING_WIDTH, FACE_ENCODER_NAME, KOLORS_TOKEN_WIDTH, FaceSpec, LoraSpec
+    from .families import _ARCH_HINTS, _HIDDEN_ENCODERS, KOLORS_PLUS_ENCODER
+
+    if kind not in FACE_KINDS:
+        raise ValueError(f"unknown face kind {kind!r}; expected one of {FACE_KINDS}")
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size is 'tiny' or 'full', not {size!r}")
+    arch = arch or _FACE_DEFAULT_ARCH[kind]
+    if arch not in _FACE_CONTEXT:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {tuple(_FACE_CONTEXT)}")
+    d = _FACE_FULL if size == "full" else _FACE_TINY
+    mc = model_channels or d["model_channels"]
+    dims = tuple(sdxl_layer_dims(mc) if arch != "sd15" else sd15_layer_dims(mc))
+    c = context_dim or _FACE_CONTEXT[arch]
+    hint = _ARCH_HINTS.get((len(dims), c))
+    if kind == "kolors-faceid-plus" and hint == "sdxl":
+        hint = "kolors"
+    crop = 336 if kind == "kolors-faceid-plus" else (224 if (hint == "sd15" or (hint is None and c == 768)) else 256)
+    e = FACE_EMBEDDING_WIDTH
+    with_lora = lora if lora is not None else kind in ("faceid", "faceid-plus")
+    lora_spec = LoraSpec(rank=lora_rank or d["lora_rank"], processors=tuple(range(2 * len(dims)))) if with_lora else None
+    common = dict(context_dim=c, num_layers=len(dims), layer_dims=dims, arch_hint=hint, lora=lora_spec)
+    if kind == "face-resampler":
+        rd = resampler_dim or d["resampler_dim"]
+        nh = heads or (20 if size == "full" else max(1, rd // HEAD_DIM))
+        face = FaceSpec(kind=kind, embedding="raw", uses_clip=False, shortcut="none", crop_size=crop, token_width=c,
+                        model_pack="antelopev2")
+        return AdapterSpec(layout="plus", tokens=tokens or 16, encoder_width=e, encoder_input="face-embedding",
+                           encoder_name=FACE_ENCODER_NAME, resampler_dim=rd, resampler_heads=nh,
+                           resampler_depth=depth or d["depth"], resampler_ff_dim=ff_dim or 4 * rd, face=face, **common)
+    h = hidden or d["hidden"]
+    if kind in ("faceid", "portrait"):
+        face = FaceSpec(kind=kind, embedding="normed", uses_clip=False, shortcut="none", crop_size=crop, token_width=c)
+        return AdapterSpec(layout="faceid", tokens=tokens or (4 if kind == "faceid" else 16), encoder_width=e,
+                           encoder_input="face-embedding", encoder_name=FACE_ENCODER_NAME, proj_hidden_dim=h,
+                           face=face, **common)
+    kolors = kind == "kolors-faceid-plus"
+    tw = token_width or (c if not kolors else (KOLORS_TOKEN_WIDTH if size == "full" else 256))
+    cw = clip_width or d["clip_width"] or (1024 if kolors else 1280)
+    if kolors:
+        face = FaceSpec(kind=kind, embedding="raw", uses_clip=True, shortcut="always", crop_size=crop, token_width=tw,
+                        model_pack="antelopev2", shortcut_default=True)
+        name = KOLORS_PLUS_ENCODER if cw == 1024 else None
+    else:
+        face = FaceSpec(kind=kind, embedding="normed", uses_clip=True, shortcut="choice", crop_size=crop, token_width=tw,
+                        shortcut_default=True)
+        name = None
+    return AdapterSpec(layout="faceid-plus", tokens=tokens or (6 if kolors else 4), encoder_width=cw,
+                       encoder_input="penultimate",
+                       encoder_name=name or _HIDDEN_ENCODERS.get(cw, f"CLIP vision of width {cw}"), proj_hidden_dim=h,
+                       resampler_dim=tw, resampler_heads=heads or (tw // HEAD_DIM if size == "full" else 1),
+                       resampler_depth=depth or d["depth"], resampler_ff_dim=ff_dim or (4 * tw if size == "full" else 64),
+                       face=face, **common)
+
+
+def synthetic_face_state(kind: str, arch: Optional[str] = None, size: str = "tiny", *, seed: int = 0,
+                         dtype: torch.dtype = torch.float32, meta: bool = False, layers_group: str = "ip_adapter",
+                         **dims) -> dict[str, torch.Tensor]:
+    """Flat tensors of a random face adapter in the published key layout (see face_adapter_spec for
+    kind, arch, size and `dims`), LoRA `ip_adapter.N.to_{q,k,v,out}_lora.{down,up}.weight` on every
+    even and odd N included where the kind has one. meta=True gives shape-only tensors (the full sizes
+    weigh gigabytes: detect those, never materialise them). layers_group "adapter_modules" names the
+    layers as Kolors' ipa-faceid-plus.bin does."""
+    spec = face_adapter_spec(kind, arch, size, **dims)
+    if layers_group not in ("ip_adapter", "adapter_modules"):
+        raise ValueError(f"layers_group is 'ip_adapter' or 'adapter_modules', not {layers_group!r}")
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in expected_shapes(spec).items():
+        if layers_group != "ip_adapter" and key.startswith("ip_adapter."):
+            key = layers_group + key[len("ip_adapter"):]
+        if meta:
+            state[key] = torch.empty(shape, dtype=dtype, device="meta")
+            continue
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if key.endswith("latents"):
+            t = noise / shape[-1] ** 0.5
+        elif len(shape) == 2:
+            t = noise / shape[1] ** 0.5  # 1/sqrt(fan_in) keeps activations O(1)
+        elif key.endswith(".weight"):  # LayerNorm gains near 1, not exactly, so they matter
+            t = 1.0 + 0.1 * noise
+        else:
+            t = 0.05 * noise
+        state[key] = t.to(dtype).contiguous()
+    return state
+
+
+def save_synthetic_face_adapter(path, kind: str, arch: Optional[str] = None, size: str = "tiny", *,
+                                nested: bool = True, **kwargs) -> dict[str, torch.Tensor]:
+    """Write a synthetic face adapter: .safetensors with flat keys, or a torch pickle (.bin/.pt/.pth)
+    nested {"image_proj": {...}, "ip_adapter": {...}} like the published files (flat with nested=False).
+    Returns the flat state written."""
+    state = synthetic_face_state(kind, arch, size, **kwargs)
     return write_state(path, state, nested)

@@ -433,14 +433,14 @@ BROKEN = {
     "mip-adapter gate on one layer": (lambda g: g["ip_adapter"].update({"1.text_to_weight.weight": torch.zeros(1, 8)}),
                                       ["MIP-Adapter", "have none", "3", "5"]),
     "faceid lora": (lambda g: g["ip_adapter"].update({"0.to_q_lora.down.weight": torch.zeros(2, 2)}),
-                    ["FaceID", "not supported yet", "0.to_q_lora.down.weight"]),
+                    ["FaceID", "not the FaceID MLP", "0.to_q_lora.down.weight"]),
     "faceid plus": (lambda g: g["image_proj"].update({"perceiver_resampler.proj_in.weight": torch.zeros(2, 2)}),
-                    ["FaceID", "not supported yet"]),
+                    ["FaceID Plus", "proj.0.weight is missing"]),
     "faceid / portrait mlp": (
-        lambda g: g.update({"image_proj": {"proj.0.weight": torch.zeros(1024, 512), "proj.0.bias": torch.zeros(1024),
+        lambda g: g.update({"image_proj": {"proj.0.weight": torch.zeros(1024, 500), "proj.0.bias": torch.zeros(1024),
                                            "proj.2.weight": torch.zeros(48, 1024), "proj.2.bias": torch.zeros(48),
                                            "norm.weight": torch.ones(12), "norm.bias": torch.zeros(12)}}),
-        ["FaceID", "not supported yet"]),
+        ["FaceID", "reads 500 values", "512"]),
 }
 
 
