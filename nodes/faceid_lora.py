@@ -150,7 +150,7 @@ def same_lora_already_loaded(model, patches: dict) -> bool:
         ours = _patch_delta(patches[key])
         found = False
         for entry in existing.get(key, []):
-            if entry[3] is not None or entry[4] is not None:  # offset / function: not a plain LoRA
+            if len(entry) < 2 or any(x is not None for x in entry[3:5]):  # offset / function: not a plain LoRA
                 continue
             theirs = _patch_delta(entry[1])
             if theirs is not None and theirs.shape == ours.shape:
