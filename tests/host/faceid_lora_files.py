@@ -53,7 +53,8 @@ def diffusers_transformer_blocks(diffusion_model, num_res_blocks) -> list[tuple[
     name, st = _transformer_child(diffusion_model.middle_block)
     if st is not None:
         for t in range(len(st.transformer_blocks)):
-            mid.append((f"mid_block.attentions.0.transformer_blocks.{t}", f"middle_block.{name}.transformer_blocks.{t}"))
+            mid.append((f"mid_block.attentions.0.transformer_blocks.{t}",
+                        f"middle_block.{name}.transformer_blocks.{t}"))
     return down + up + mid
 
 
