@@ -157,12 +157,17 @@ def check_controlnet(control_net, unet, token_width: int) -> None:
         raise ValueError(
             f"this ControlNet's cross-attention reads context width {width}, but the face tokens are {token_width} "
             "wide: InstantID's IdentityNet is an SDXL ControlNet (context width 2048); connect it instead")
-    blocks = (getattr(cmodel, "model_channels", None), len(getattr(cmodel, "input_blocks", [])))
-    model_blocks = (getattr(unet, "model_channels", None), len(getattr(unet, "input_blocks", [])))
-    if None not in blocks + model_blocks and blocks != model_blocks:
+
+    def shape(m):
+        mult = getattr(m, "channel_mult", None)
+        return (getattr(m, "model_channels", None), None if mult is None else tuple(mult),
+                len(getattr(m, "input_blocks", [])))
+
+    have, want = shape(cmodel), shape(unet)
+    if None not in have + want and have != want:
         raise ValueError(
-            f"the ControlNet does not fit the model: it has {blocks[1]} input blocks of base width {blocks[0]}, the "
-            f"model {model_blocks[1]} of base width {model_blocks[0]}. InstantID's IdentityNet is made for SDXL "
+            f"the ControlNet does not fit the model: it has {have[2]} input blocks of widths {have[0]} x {have[1]}, "
+            f"the model {want[2]} of widths {want[0]} x {want[1]}. InstantID's IdentityNet is made for SDXL "
             "models; use it with an SDXL checkpoint")
 
 
@@ -219,16 +224,110 @@ def keypoint_images(analysis, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([draw_keypoints(f.kps, h, w) for f in faces])
 
 
-def face_tokens(adapter, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) tokens (1, 16, C) of the averaged raw embeddings and of the zero embedding,
-    as the adapter's projection makes them."""
+# --------------------------------------------------------------------------------------------------
+# The node
+# --------------------------------------------------------------------------------------------------
+def apply_instantid(model, ipadapter, insightface, control_net, image, positive, negative, weight: float = 0.8,
+                    cn_strength: float = 0.8, start_at: float = 0.0, end_at: float = 1.0,
+                    image_kps: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):
+    """(model with the face adapter, positive, negative, keypoint pictures). Every check runs before
+    any patch; several reference images are averaged (one identity), as InstantID's ComfyUI port does."""
     import comfy.model_management as mm
 
-    mean = embeds.float().mean(dim=0, keepdim=True)
-    mm.load_models_gpu([adapter.patcher])
-    weights = adapter.weights
-    p = next(weights.parameters())
-    with torch.no_grad():
-        pos = weights.image_tokens(mean.to(p.device, p.dtype))
-        neg = weights.image_tokens(torch.zeros_like(mean).to(p.device, p.dtype))
-    return pos.float(), neg.float()
+    from .apply import apply_adapter, check_adapter_fits, image_tokens
+    from .encode import check_image
+    from .encoders import FaceOptions, encode
+    from .unet_sites import unet_attn2_sites
+
+    check_instantid_adapter(ipadapter)
+    _check_insightface(insightface)
+    for name, value in (("weight", weight), ("cn_strength", cn_strength), ("start_at", start_at), ("end_at", end_at)):
+        _check_number(name, value)
+    if not 0.0 <= start_at <= end_at <= 1.0:
+        raise ValueError(f"start_at ({start_at}) must not be after end_at ({end_at}); both lie in [0, 1]")
+    check_image(image, "image")
+    if image_kps is not None:
+        check_image(image_kps, "image_kps")
+    spec = ipadapter.spec
+    unet = model.get_model_object("diffusion_model")
+    check_adapter_fits(spec, unet_attn2_sites(unet))
+    if cn_strength != 0:
+        check_controlnet(control_net, unet, spec.face.token_width)
+
+    faces = _FacesOnce(insightface)
+    kps_source = image_kps if image_kps is not None else image[:1]
+    kps_image = keypoint_images(faces, kps_source)
+    options = FaceOptions(adapter_name=getattr(ipadapter, "name", ""))
+    try:
+        encoded = encode(spec, None, faces, image, None, options)
+    except ValueError as exc:
+        raise ValueError(f"image (the face reference): {exc}") from exc
+    mm.load_models_gpu([ipadapter.patcher])
+    tokens = image_tokens(ipadapter, spec, encoded.pos, encoded.neg, "average", options).to(mm.intermediate_device())
+
+    patched = apply_adapter(model, ipadapter, None, image, weight, "linear", start_at, end_at,
+                            combine_embeds="average", attn_mask=attn_mask, insightface=faces, face=options)
+    positive, negative = instantid_conditioning(positive, negative, control_net, kps_image, tokens[0], tokens[1],
+                                                cn_strength, start_at, end_at)
+    return patched, positive, negative, kps_image
+
+
+class IPAdapterFusedInstantID:
+    DESCRIPTION = ("InstantID for SDXL in one node: the face adapter on the model (the antelopev2 identity "
+                   "embedding through InstantID's resampler), the keypoint picture for the IdentityNet ControlNet, "
+                   "and the conditioning that applies that ControlNet with the face tokens as its cross-attention "
+                   "context. Connect the outputs to the sampler; the keypoint picture is there to look at.")
+    CATEGORY = "ipadapter_fused"
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "IMAGE")
+    RETURN_NAMES = ("model", "positive", "negative", "keypoints")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SDXL model (InstantID was trained on SDXL)."}),
+                "ipadapter": ("IPADAPTER_FUSED", {"tooltip": "InstantID's ip-adapter.bin from 'IPAdapter Loader "
+                                                             "(Fused)'. Other adapters are refused; use 'Apply "
+                                                             "IPAdapter (Fused)' for them."}),
+                "insightface": ("IPAF_INSIGHTFACE", {"tooltip": "Face analysis from 'InsightFace Loader (Fused)' "
+                                                                "with the antelopev2 model pack (InstantID was "
+                                                                "trained on its raw embedding)."}),
+                "control_net": ("CONTROL_NET", {"tooltip": "InstantID's IdentityNet ControlNet "
+                                                           "(ControlNetModel/diffusion_pytorch_model.safetensors) from "
+                                                           "'Load ControlNet Model'."}),
+                "image": ("IMAGE", {"tooltip": "The face reference. Several images are averaged into one identity."}),
+                "positive": ("CONDITIONING", {"tooltip": "The positive prompt; the ControlNet is added to it."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt; the ControlNet is added to it too, "
+                                                         "reading the tokens of the zero face embedding."}),
+                "weight": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05,
+                                     "tooltip": "Strength of the face adapter in the model's cross-attention "
+                                                "(InstantID's ip_adapter_scale; its examples use 0.8)."}),
+                "cn_strength": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.01,
+                                          "tooltip": "Strength of the IdentityNet ControlNet (InstantID's "
+                                                     "controlnet_conditioning_scale; its examples use 0.8). 0 leaves "
+                                                     "the conditioning as it is."}),
+                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                       "tooltip": "Fraction of the sampling schedule at which the adapter and the "
+                                                  "ControlNet start acting."}),
+                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                     "tooltip": "Fraction of the sampling schedule after which the adapter and the "
+                                                "ControlNet stop acting."}),
+            },
+            "optional": {
+                "image_kps": ("IMAGE", {"tooltip": "A picture whose face sets the pose: its keypoints are drawn for "
+                                                   "the ControlNet, at its size (give it the output's aspect ratio: the "
+                                                   "host crops the centre). Default: the first reference image."}),
+                "attn_mask": ("MASK", {"tooltip": "Optional region where the face adapter acts (the ControlNet acts "
+                                                  "where the keypoints are)."}),
+            },
+        }
+
+    def apply(self, model, ipadapter, insightface, control_net, image, positive, negative, weight, cn_strength,
+              start_at, end_at, image_kps=None, attn_mask=None):
+        return apply_instantid(model, ipadapter, insightface, control_net, image, positive, negative, weight,
+                               cn_strength, start_at, end_at, image_kps, attn_mask)
+
+
+NODE_CLASS_MAPPINGS = {"IPAdapterFusedInstantID": IPAdapterFusedInstantID}
+NODE_DISPLAY_NAME_MAPPINGS = {"IPAdapterFusedInstantID": "InstantID (Fused)"}

@@ -1,0 +1,172 @@
+"""InstantID in the real host: a tiny SDXL UNet (the host's SDXL config, 32 channels), a tiny SDXL ControlNet in
+the host's key layout loaded by the host's own ControlNet loader, and a tiny InstantID adapter (face-embedding
+resampler) in the published key layout.
+
+What is checked: the conditioning is what the host's 'Apply ControlNet' node gives (same ControlNet, hint,
+strength and window) plus the image tokens as the ControlNet's cross-attention context; during sampling
+every cross-attention of the ControlNet receives exactly those tokens (positive rows: the face tokens,
+negative rows: the zero embedding's), never the text; the node wires adapter, keypoints and conditioning
+and refuses wrong inputs before sampling."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+import util
+
+STRENGTH, START, END = 0.7, 0.1, 0.9
+SIZE = 128  # pixels; latent 16 x 16
+
+
+@pytest.fixture(scope="module")
+def controlnet(host):
+    """The host's ControlNet, loaded from the tiny state dict by comfy.controlnet.load_controlnet_state_dict."""
+    import comfy.controlnet
+
+    util.load_runner()
+    from ipaf_runner.tiny_controlnet import sdxl_controlnet_state
+
+    sd = sdxl_controlnet_state(model_channels=util.DEFAULT_CHANNELS["sdxl"], channel_mult=(1, 2, 4))
+    cn = comfy.controlnet.load_controlnet_state_dict(sd)
+    assert isinstance(cn, comfy.controlnet.ControlNet)
+    return cn
+
+
+@pytest.fixture(scope="module")
+def adapter(host, tmp_path_factory):
+    from ipadapter_fused.models import load_adapter_file
+    from ipadapter_fused.models.synthetic import save_synthetic_face_adapter
+    from ipadapter_fused.nodes.loaders import LoadedAdapter
+
+    path = tmp_path_factory.mktemp("instantid") / "ip-adapter.safetensors"
+    save_synthetic_face_adapter(path, "face-resampler", "sdxl", "tiny")
+    weights = load_adapter_file(path).eval().requires_grad_(False)
+    assert weights.spec.face.kind == "face-resampler"
+    cpu = host.torch.device("cpu")
+    return LoadedAdapter(path.name, weights, host.model_patcher.ModelPatcher(weights, load_device=cpu,
+                                                                             offload_device=cpu))
+
+
+class StubFaces:
+    """Stands in for 'InsightFace Loader (Fused)' (detection itself is tested with the tiny ONNX models):
+    one face per image, keypoints at fixed fractions of the image, a raw 512-wide embedding that depends
+    on the image, counting detections."""
+    KPS = np.array([[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.72], [0.62, 0.72]])
+
+    def __init__(self, host, empty=()):
+        self.torch = host.torch
+        self.calls = 0
+        self.empty = set(empty)  # indices of images with no face
+
+    def embedding(self, img):
+        torch = self.torch
+        g = torch.Generator().manual_seed(99)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(img.permute(2, 0, 1)[None].float(), 4).flatten()
+        return (torch.randn(512, pooled.numel(), generator=g) @ pooled) * 10  # raw embeddings are ~20 long
+
+    def find_faces(self, images):
+        self.calls += 1
+        out = []
+        for i, img in enumerate(images):
+            if i in self.empty:
+                raise ValueError(f"no face found in image {i + 1} of {images.shape[0]}")
+            h, w = img.shape[:2]
+            out.append(types.SimpleNamespace(image_index=i, kps=self.KPS * [w, h], det_score=0.9,
+                                             bbox=np.array([0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h]),
+                                             embedding=self.embedding(img), det_size=640))
+        return out
+
+    def aligned_crops(self, images, faces, size):
+        return self.torch.zeros(len(faces), size, size, 3)
+
+
+def _picture(host, seed):
+    g = host.torch.Generator().manual_seed(seed)
+    return host.torch.rand(1, SIZE, SIZE, 3, generator=g)
+
+
+def _tokens(adapter, embeds):
+    """Independent of the node: the adapter's projection of the averaged raw embeddings and of zeros."""
+    import torch
+
+    mean = embeds.float().mean(0, keepdim=True)
+    with torch.no_grad():
+        return adapter.weights.image_tokens(mean), adapter.weights.image_tokens(torch.zeros_like(mean))
+
+
+def _context_hooks(host, cn):
+    """Record the context every cross-attention of the ControlNet receives."""
+    seen, handles = [], []
+    for name, mod in cn.control_model.named_modules():
+        if name.endswith("attn2"):
+            def hook(module, args, kwargs):
+                seen.append(kwargs.get("context", args[1] if len(args) > 1 else None).detach().clone())
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    return seen, handles
+
+
+def test_conditioning_is_the_host_controlnet_apply_plus_the_token_context(host, controlnet, adapter):
+    import nodes as host_nodes
+
+    from ipadapter_fused.nodes.instantid import CONTROLNET_CONTEXT_KEY, draw_keypoints, instantid_conditioning
+
+    torch = host.torch
+    pos, neg = util.make_cond("sdxl", seed=1), util.make_cond("sdxl", seed=2)
+    kps = draw_keypoints(StubFaces.KPS * SIZE, SIZE, SIZE)
+    tp, tn = _tokens(adapter, torch.randn(1, 512) * 20)
+    out_pos, out_neg = instantid_conditioning(pos, neg, controlnet, kps, tp, tn, STRENGTH, START, END)
+    ref_pos, ref_neg = host_nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, controlnet, kps, STRENGTH,
+                                                                             START, END)
+    for ours, ref, tokens, orig in ((out_pos, ref_pos, tp, pos), (out_neg, ref_neg, tn, neg)):
+        assert len(ours) == len(ref) == 1
+        d, r = ours[0][1], ref[0][1]
+        assert ours[0][0] is orig[0][0]  # the text is untouched
+        assert set(d) == set(r) | {CONTROLNET_CONTEXT_KEY}
+        assert CONTROLNET_CONTEXT_KEY not in orig[0][1] and "control" not in orig[0][1]
+        assert torch.equal(d[CONTROLNET_CONTEXT_KEY], tokens)
+        c = d["control"]
+        assert isinstance(c, type(controlnet)) and c is not controlnet
+        assert c.strength == r["control"].strength == STRENGTH
+        assert c.timestep_percent_range == r["control"].timestep_percent_range == (START, END)
+        assert torch.equal(c.cond_hint_original, kps.movedim(-1, 1))
+        assert d["control_apply_to_uncond"] is False
+    # one ControlNet copy shared by the positive and negative rows, as the host's node does
+    assert out_pos[0][1]["control"] is out_neg[0][1]["control"]
+    assert instantid_conditioning(pos, neg, controlnet, kps, tp, tn, 0.0, START, END) == (pos, neg)
+
+
+def test_the_controlnet_cross_attention_reads_the_image_tokens(host, controlnet, adapter, tiny_sdxl):
+    from ipadapter_fused.nodes.instantid import draw_keypoints, instantid_conditioning
+
+    torch = host.torch
+    model = tiny_sdxl()
+    pos, neg = util.make_cond("sdxl", seed=1), util.make_cond("sdxl", seed=2)
+    kps = draw_keypoints(StubFaces.KPS * SIZE, SIZE, SIZE)
+    tp, tn = _tokens(adapter, torch.randn(1, 512) * 20)
+    c_pos, c_neg = instantid_conditioning(pos, neg, controlnet, kps, tp, tn, 1.0, 0.0, 1.0)
+    seen, handles = _context_hooks(host, controlnet)
+    try:
+        with_tokens = util.sample(model, c_pos, c_neg, steps=2, cfg=5.0)
+    finally:
+        for h in handles:
+            h.remove()
+    n_attn2 = sum(1 for n, _ in controlnet.control_model.named_modules() if n.endswith("attn2"))
+    assert len(seen) == 2 * n_attn2  # two steps, cond and uncond rows in one batch
+    rows = [ctx[i] for ctx in seen for i in range(ctx.shape[0])]
+    assert all(r.shape == tp[0].shape for r in rows)
+    is_pos = [torch.allclose(r, tp[0], atol=1e-6) for r in rows]
+    is_neg = [torch.allclose(r, tn[0], atol=1e-6) for r in rows]
+    assert all(a != b for a, b in zip(is_pos, is_neg))  # every row is one of the two token sets, never the text
+    assert sum(is_pos) == sum(is_neg) == len(rows) // 2
+
+    # the context matters: the same ControlNet reading the text gives another picture, no ControlNet a third
+    import nodes as host_nodes
+
+    t_pos, t_neg = host_nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, controlnet, kps, 1.0, 0.0, 1.0)
+    with_text = util.sample(model, t_pos, t_neg, steps=2, cfg=5.0)
+    plain = util.sample(model, pos, neg, steps=2, cfg=5.0)
+    assert torch.isfinite(with_tokens).all()
+    assert (with_tokens - with_text).abs().max() > 1e-4
+    assert (with_tokens - plain).abs().max() > 1e-4
