@@ -723,6 +723,45 @@ def test_missing_image_file_is_reported(tmp_path):
         convert.plan_images(nodes, [f"3={tmp_path / 'nope.png'}"])
 
 
+def test_two_pictures_for_the_same_loaders_are_an_error(tmp_path):
+    """`--image a.png --image b.png` used to feed b.png to every loader and drop a.png without a word
+    (a user of a two-picture workflow expects one picture per loader)."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"png")
+    b.write_bytes(b"png")
+    nodes = convert.sent_nodes(_sd15_workflow())
+    with pytest.raises(UsageError, match=r"--image given twice for every image loader.*a\.png.*b\.png.*--image 3=PATH"):
+        convert.plan_images(nodes, [str(a), str(b)])
+    with pytest.raises(UsageError, match=r"two pictures for #3 LoadImage.*a\.png.*b\.png"):
+        convert.plan_images(nodes, [f"3={a}", f"Reference image={b}"])
+    # one default and one per node: the node's own wins (documented), the same file twice is no conflict
+    assert convert.plan_images(nodes, [str(a), f"3={b}"]) == {"3": b}
+    assert convert.plan_images(nodes, [str(a), str(a)]) == {"3": a}
+
+
+def test_a_file_that_is_not_a_picture_is_reported_before_start(tmp_path, monkeypatch, capsys):
+    """A --image file the host cannot open used to surface only after the host had started and the
+    prompt had run up to LoadImage."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    fake = tmp_path / "ComfyUI"
+    (fake / "input").mkdir(parents=True)
+    (fake / "main.py").write_text("raise SystemExit('the host must not start')\n")
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    monkeypatch.setattr(cli.ComfyServer, "start", lambda self: (_ for _ in ()).throw(AssertionError("started")))
+    code = cli.main(["--comfyui", str(fake), str(ROOT / "workflows" / "sd15_basic.json"), "--image", str(notes)])
+    out = capsys.readouterr().out
+    assert code == 1 and "notes.png is not a picture" in out and "#3 LoadImage" in out, out
+
+    real = tmp_path / "real.png"
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(real)
+    images = cli.prepare(convert.load_workflow(ROOT / "workflows" / "sd15_basic.json"),
+                         cli.build_parser().parse_args(["x.json", "--image", str(real)]), fake)
+    assert images == {"3": real}
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--image", "MISSING"], "no such file"),
     (["--image", "99=PIC"], "no node '99'"),

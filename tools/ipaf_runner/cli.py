@@ -51,7 +51,9 @@ def prepare(workflow: dict, args, comfyui: Path) -> dict:
     """Every check that needs no host; returns the picture plan {LoadImage node id: file}."""
     nodes = convert.sent_nodes(workflow)
     convert.check_override_nodes(nodes, args.set)
-    return convert.plan_images(nodes, args.image, comfyui / "input" if args.example_image else None)
+    images = convert.plan_images(nodes, args.image, comfyui / "input" if args.example_image else None)
+    convert.check_pictures(nodes, images)
+    return images
 
 
 def to_prompt(workflow: dict, object_info: dict, args) -> dict:

@@ -333,8 +333,17 @@ def plan_images(nodes: dict, images: list[str], example_folder: Path | None = No
                 raise UsageError(f"--image {item!r}: node {_describe(nodes, wrong)} loads no image; "
                                  f"its image loaders: " + (_describe(nodes, load_nodes) or "none"))
             for nid in ids:
+                if nid in explicit and explicit[nid] != Path(path):
+                    raise UsageError(f"--image: two pictures for {_describe(nodes, [nid])}: {explicit[nid]} and "
+                                     f"{path}; give each image loader one")
                 explicit[nid] = Path(path)
         else:
+            # a second bare path would silently replace the first for every loader
+            if default is not None and default != Path(item):
+                raise UsageError(
+                    f"--image given twice for every image loader: {default} and {item}; to feed different "
+                    "loaders write " + " ".join(f"--image {nid}=PATH" for nid in load_nodes)
+                    + f" (image loaders: {_describe(nodes, load_nodes) or 'none'})")
             default = Path(item)
     if (images or []) and not load_nodes:
         raise UsageError("--image given, but the workflow has no LoadImage node")
@@ -355,3 +364,20 @@ def plan_images(nodes: dict, images: list[str], example_folder: Path | None = No
             raise UsageError(f"--image: no such file: {path}")
         plan[nid] = path
     return plan
+
+
+def check_pictures(nodes: dict, plan: dict[str, Path]) -> None:
+    """Before the host starts: every planned picture opens with Pillow (what the host's LoadImage
+    uses), so a wrong file is not found only after the host has started and loaded models. Without
+    Pillow in this Python the host's own error will tell."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    for nid, path in plan.items():
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as exc:  # Pillow raises several kinds for files it cannot read
+            raise UsageError(f"--image: {path} is not a picture (for {_describe(nodes, [nid])}): "
+                             f"{type(exc).__name__}: {exc}") from None
