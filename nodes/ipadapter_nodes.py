@@ -216,3 +216,9 @@ from .region_nodes import NODE_CLASS_MAPPINGS as _REGION_NODES, NODE_DISPLAY_NAM
 
 NODE_CLASS_MAPPINGS.update(_REGION_NODES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_REGION_NAMES)
+
+# InstantID (SDXL): face adapter, keypoints and IdentityNet ControlNet conditioning in one node (instantid.py).
+from .instantid import NODE_CLASS_MAPPINGS as _INSTANTID_NODES, NODE_DISPLAY_NAME_MAPPINGS as _INSTANTID_NAMES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_INSTANTID_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_INSTANTID_NAMES)

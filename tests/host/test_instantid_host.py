@@ -170,3 +170,117 @@ def test_the_controlnet_cross_attention_reads_the_image_tokens(host, controlnet,
     assert torch.isfinite(with_tokens).all()
     assert (with_tokens - with_text).abs().max() > 1e-4
     assert (with_tokens - plain).abs().max() > 1e-4
+
+
+def _prompt_entries(model):
+    attn2 = model.model_options["transformer_options"]["patches_replace"]["attn2"]
+    return list({id(e): e for patch in attn2.values() for e in patch.entries}.values())
+
+
+def test_the_node_gives_adapter_and_controlnet_the_same_face_tokens(host, controlnet, adapter, tiny_sdxl):
+    from ipadapter_fused.nodes.instantid import (CONTROLNET_CONTEXT_KEY, IPAdapterFusedInstantID, NODE_CLASS_MAPPINGS,
+                                                 draw_keypoints)
+
+    torch = host.torch
+    model = tiny_sdxl()
+    pos, neg = util.make_cond("sdxl", seed=1), util.make_cond("sdxl", seed=2)
+    image = torch.cat([_picture(host, 3), _picture(host, 4)])  # two references: one averaged identity
+    g = torch.Generator().manual_seed(5)
+    pose = torch.rand(1, 96, SIZE, 3, generator=g)  # the keypoints picture has its own size
+    faces = StubFaces(host)
+    assert NODE_CLASS_MAPPINGS["IPAdapterFusedInstantID"] is IPAdapterFusedInstantID
+    patched, p, n, kps = IPAdapterFusedInstantID().apply(model, adapter, faces, controlnet, image, pos, neg, 0.8, 0.6,
+                                                         0.0, 1.0, image_kps=pose)
+    assert faces.calls == 2  # the reference batch once (shared with the adapter path), the pose picture once
+
+    # keypoints: the pose picture's face, drawn at its size
+    assert torch.equal(kps, draw_keypoints(StubFaces.KPS * [SIZE, 96], 96, SIZE))
+
+    # ControlNet context: the projection of the averaged raw embeddings / of the zero embedding
+    tp, tn = _tokens(adapter, torch.stack([faces.embedding(img) for img in image]))
+    assert torch.allclose(p[0][1][CONTROLNET_CONTEXT_KEY], tp, atol=1e-5)
+    assert torch.allclose(n[0][1][CONTROLNET_CONTEXT_KEY], tn, atol=1e-5)
+    assert p[0][1]["control"].strength == 0.6 and p[0][1]["control"].timestep_percent_range == (0.0, 1.0)
+
+    # the adapter on the model reads the same tokens, at the given weight on every layer
+    assert "patches_replace" not in model.model_options.get("transformer_options", {})
+    (entry,) = _prompt_entries(patched)
+    assert torch.allclose(entry.tokens[0], tp, atol=1e-5) and torch.allclose(entry.tokens[1], tn, atol=1e-5)
+    assert {(s.weight, s.swap) for s in entry.site_weights} == {(0.8, False)}
+
+    out = util.sample(patched, p, n, steps=2, cfg=5.0)
+    assert torch.isfinite(out).all()
+    assert (out - util.sample(patched, pos, neg, steps=2, cfg=5.0)).abs().max() > 1e-4  # the ControlNet acts
+
+
+def test_without_image_kps_the_first_reference_sets_the_pose(host, controlnet, adapter, tiny_sdxl):
+    from ipadapter_fused.nodes.instantid import apply_instantid, draw_keypoints
+
+    torch = host.torch
+    image = torch.cat([_picture(host, 3), host.torch.rand(1, SIZE, SIZE, 3)])
+    faces = StubFaces(host)
+    _, _, _, kps = apply_instantid(tiny_sdxl(), adapter, faces, controlnet, image, util.make_cond("sdxl"),
+                                   util.make_cond("sdxl", seed=1))
+    assert torch.equal(kps, draw_keypoints(StubFaces.KPS * SIZE, SIZE, SIZE))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors, all before any patch
+# ---------------------------------------------------------------------------------------------------
+def _call(host, model, adapter, controlnet, faces=None, image=None, **kw):
+    from ipadapter_fused.nodes.instantid import apply_instantid
+
+    faces = faces if faces is not None else StubFaces(host)
+    image = image if image is not None else _picture(host, 3)
+    return apply_instantid(model, adapter, faces, controlnet, image, util.make_cond("sdxl"),
+                           util.make_cond("sdxl", seed=1), **kw)
+
+
+def test_other_adapters_are_refused(host, controlnet, tiny_sdxl, tmp_path):
+    from ipadapter_fused.models import load_adapter_file, save_synthetic_adapter
+    from ipadapter_fused.models.synthetic import sdxl_layer_dims
+    from ipadapter_fused.nodes.loaders import LoadedAdapter
+
+    path = tmp_path / "plus.safetensors"
+    save_synthetic_adapter(path, "plus", sdxl_layer_dims(32), 2048, 64, resampler_dim=64, depth=1)
+    plus = LoadedAdapter(path.name, load_adapter_file(path), None)
+    with pytest.raises(ValueError, match="not InstantID's face adapter.*Apply IPAdapter"):
+        _call(host, tiny_sdxl(), plus, controlnet)
+    with pytest.raises(ValueError, match="IPAdapter Loader"):
+        _call(host, tiny_sdxl(), object(), controlnet)
+
+
+def test_wrong_controlnets_are_refused(host, controlnet, adapter, tiny_sdxl):
+    import comfy.controlnet
+
+    from ipaf_runner.tiny_controlnet import sdxl_controlnet_state
+
+    with pytest.raises(ValueError, match="IdentityNet ControlNet"):
+        _call(host, tiny_sdxl(), adapter, object())
+    # an SDXL-like ControlNet whose widths are not the model's (other channels and multipliers)
+    other = comfy.controlnet.load_controlnet_state_dict(
+        sdxl_controlnet_state(model_channels=64, channel_mult=(1, 1, 1), depths=(0, 1, 1)))
+    with pytest.raises(ValueError, match="ControlNet does not fit the model"):
+        _call(host, tiny_sdxl(), adapter, other)
+    # an SD1.5-like ControlNet: its cross-attention reads 768-wide text
+    sd15 = comfy.controlnet.load_controlnet_state_dict(
+        sdxl_controlnet_state(model_channels=32, channel_mult=(1, 2, 4), depths=(0, 1, 1), context_dim=768))
+    with pytest.raises(ValueError, match="context width 768"):
+        _call(host, tiny_sdxl(), adapter, sd15)
+
+
+def test_missing_faces_and_bad_inputs_are_named(host, controlnet, adapter, tiny_sdxl, tiny_sd15):
+    torch = host.torch
+    with pytest.raises(ValueError, match=r"image \(the face reference\).*no face found in image 2 of 2"):
+        _call(host, tiny_sdxl(), adapter, controlnet, faces=StubFaces(host, empty={1}),
+              image=torch.cat([_picture(host, 3)] * 2), image_kps=_picture(host, 4))
+    with pytest.raises(ValueError, match=r"image_kps.*no face found"):
+        _call(host, tiny_sdxl(), adapter, controlnet, faces=StubFaces(host, empty={0}))
+    with pytest.raises(ValueError, match="InsightFace Loader"):
+        _call(host, tiny_sdxl(), adapter, controlnet, faces=object())
+    with pytest.raises(ValueError, match="start_at"):
+        _call(host, tiny_sdxl(), adapter, controlnet, start_at=0.8, end_at=0.2)
+    with pytest.raises(ValueError, match="cn_strength"):
+        _call(host, tiny_sdxl(), adapter, controlnet, cn_strength=float("nan"))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        _call(host, tiny_sd15(), adapter, controlnet)
