@@ -1,7 +1,9 @@
 """InstantID (SDXL) in one node: the face adapter through the pack's apply path, the keypoint image
 for the IdentityNet ControlNet, and the conditioning that makes that ControlNet read the face tokens.
 
-Facts this module follows (InstantID's SDXL pipeline and its ComfyUI port; see the README):
+Facts this module follows, from InstantID's SDXL pipeline (instantX-research/InstantID,
+pipeline_stable_diffusion_xl_instantid.py: draw_kps, _encode_prompt_image_emb, the ControlNet call) and
+its ComfyUI port (cubiq/ComfyUI_InstantID, InstantID.py):
 - the adapter is a Plus resampler reading the RAW antelopev2 embedding (N, 1, 512) into 16 tokens;
   the uncond rows read the projection of the zero embedding;
 - the IdentityNet ControlNet's cross-attention context is those image tokens, not the text
