@@ -33,7 +33,11 @@ def _describe_model(sites) -> str:
 
 
 def _is_kolors_adapter(spec) -> bool:
-    # Kolors' Plus adapters are SDXL-shaped but carry a 2048-wide resampler (SDXL Plus: 1280)
+    # Kolors' Plus adapters are SDXL-shaped but carry a 2048-wide resampler (SDXL Plus: 1280); its
+    # FaceID-Plus makes 4096-wide tokens for the Kolors UNet's encoder_hid_proj
+    face = getattr(spec, "face", None)
+    if face is not None:
+        return face.kind == "kolors-faceid-plus"
     return spec.layout == "plus" and spec.context_dim == 2048 and spec.resampler_dim == 2048
 
 
@@ -78,7 +82,7 @@ def _first_difference(spec, sites) -> Optional[str]:
     return None
 
 
-def faceid_lora_plan(spec, unet, strength: float):
+def faceid_lora_plan(spec, unet, strength: float, adapter):
     """The FaceID LoRA held in the checkpoint, as a step to run on the patched clone (None when the
     family has none, or the user turned it off: then one warning, since those adapters were trained
     with it). Fit is checked here, before any clone exists."""
@@ -93,27 +97,14 @@ def faceid_lora_plan(spec, unet, strength: float):
             log.warning(text)
         return None
 
-    def apply_lora(patched, adapter):
-        from .faceid_lora import apply_faceid_lora
+    from .faceid_lora import apply_faceid_lora, faceid_lora_patches
 
-        apply_faceid_lora(patched, adapter.weights.lora_weights(), strength)
+    lora = adapter.weights.lora_weights()
+    faceid_lora_patches(unet, lora)  # raises, naming the layer, when the LoRA does not fit this model
+
+    def apply_lora(patched):
+        apply_faceid_lora(patched, lora, strength)
     return apply_lora
-
-
-def through_host_projection(spec, unet, tokens: torch.Tensor) -> torch.Tensor:
-    """Kolors FaceID-Plus makes 4096-wide tokens that reach its K/V through the UNet's own
-    encoder_hid_proj (the text path's 4096 -> 2048 projection): run them through it once here."""
-    face = getattr(spec, "face", None)
-    if face is None or face.token_width == spec.context_dim:
-        return tokens
-    proj = getattr(unet, "encoder_hid_proj", None)
-    if proj is None or getattr(proj, "in_features", None) != face.token_width:
-        raise ValueError(
-            f"this {spec.family_name} makes {face.token_width}-wide tokens that go through a Kolors UNet's "
-            "encoder_hid_proj; the model has none. Use it with a Kolors UNet (the Kolors model loader).")
-    w = proj.weight
-    with torch.no_grad():
-        return proj(tokens.to(w.device, w.dtype)).to(tokens.dtype)
 
 
 def _check_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -277,14 +268,16 @@ def apply_adapter(
     check_adapter_fits(spec, sites, kolors_model=getattr(unet, "encoder_hid_proj", None) is not None)
     site_weights = resolve_site_weights(sites, weight_type, weight, weight_composition, layer_weights)
     mask = _check_mask(attn_mask)
-    lora = faceid_lora_plan(spec, unet, faceid_lora_strength)
+    lora = faceid_lora_plan(spec, unet, faceid_lora_strength, adapter)
 
     per_image = parse_image_weights(image_weights, image.shape[0] if isinstance(image, torch.Tensor) else 0)
     encoded = encode(spec, clip_vision, insightface, image, image_negative, face)
     pos, neg = weigh_images(encoded.pos, encoded.neg, _kept_weights(per_image, encoded), combine_embeds)
     mm.load_models_gpu([adapter.patcher])
     tokens = image_tokens(adapter, spec, pos, neg, combine_embeds, face)
-    tokens = through_host_projection(spec, unet, tokens).to(mm.intermediate_device())
+    # Kolors FaceID-Plus: its 4096-wide tokens reach K/V through the UNet's own encoder_hid_proj, once here
+    tokens = adapter.weights.context_tokens(tokens, getattr(unet, "encoder_hid_proj", None))
+    tokens = tokens.to(mm.intermediate_device())
 
     sampling = model.get_model_object("model_sampling")
     skip = frozenset(s.key for s in sites if s.block == "middle") if middle_block != "patch" else frozenset()
@@ -301,7 +294,7 @@ def apply_adapter(
     patched.model_options["transformer_options"] = install(patched.model_options, sites, entry, skip)
     _register(patched, adapter, pe)
     if lora is not None:
-        lora(patched, adapter)
+        lora(patched)
     return patched
 
 

@@ -81,7 +81,13 @@ def shortcut_scale(spec, options: FaceOptions) -> Optional[float]:
         return float(options.structure_weight)
     structure = options.structure
     if structure == "auto":
-        structure = FACE_STRUCTURE[1] if "v2" in options.adapter_name.lower() else FACE_STRUCTURE[2]
+        name = options.adapter_name.lower()
+        if "v2" in name:
+            structure = FACE_STRUCTURE[1]
+        elif "plus" in name:
+            structure = FACE_STRUCTURE[2]
+        else:  # a renamed file: the published default (faceid-plusv2 is the one in use)
+            structure = FACE_STRUCTURE[1] if face.shortcut_default else FACE_STRUCTURE[2]
     return float(options.structure_weight) if structure == FACE_STRUCTURE[1] else None
 
 
@@ -90,8 +96,7 @@ def _require_insightface(insightface, spec):
         raise ValueError(
             f"this is a {spec.family_name}: it reads an InsightFace identity embedding. Connect "
             "'InsightFace Loader (Fused)' to the apply node's insightface input "
-            f"({'antelopev2' if spec.face.embedding == 'raw' or spec.face.crop_size == 336 else 'buffalo_l'} is the "
-            "model pack it was trained with)")
+            f"({spec.face.model_pack} is the model pack it was trained with)")
     if not hasattr(insightface, "find_faces"):
         raise ValueError("the insightface input must come from 'InsightFace Loader (Fused)' "
                          f"(got a {type(insightface).__name__})")

@@ -48,8 +48,8 @@ def face_widgets():
                            "tooltip": "FaceID Plus only. V2 adds the face-embedding tokens back on top of the CLIP "
                                       "refinement (a shortcut with its own weight); V1 does not. The two are trained "
                                       "differently but hold the same keys, so the file cannot tell: 'auto' reads "
-                                      "'v2' in the file name (faceid-plusv2 -> V2, faceid-plus -> V1). Kolors "
-                                      "FaceID-Plus always uses the shortcut."}),
+                                      "the file name (faceid-plusv2 -> V2, faceid-plus -> V1, any other name -> "
+                                      "V2, the published default). Kolors FaceID-Plus always uses the shortcut."}),
         "face_structure_weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05,
                                   "tooltip": "Weight of the V2 shortcut (the face structure): higher keeps the "
                                              "face's shape closer to the reference."}),
