@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -388,9 +387,14 @@ class Report:
 
 def pack_node_types() -> set:
     """The node types nodes/ registers, read from its source (no import: this runs without the host)."""
+    import ast
+
     found = set()
     for path in PACK_NODES_DIR.glob("*.py"):
-        found |= set(re.findall(r'^\s*"(\w+)"\s*:\s*\w+\s*,', path.read_text(encoding="utf-8"), re.M))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                    and any(isinstance(t, ast.Name) and t.id == "NODE_CLASS_MAPPINGS" for t in node.targets)):
+                found |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
     return found
 
 
