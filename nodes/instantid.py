@@ -219,11 +219,9 @@ def _find(analysis, images: torch.Tensor, what: str):
     return faces
 
 
-def keypoint_images(analysis, images: torch.Tensor) -> torch.Tensor:
-    """One keypoint picture per image that holds a face, each the size of its image."""
-    faces = _find(analysis, images[..., :3], "image_kps (the keypoints picture)")
-    h, w = images.shape[1:3]
-    return torch.cat([draw_keypoints(f.kps, h, w) for f in faces])
+def keypoint_images(faces, height: int, width: int) -> torch.Tensor:
+    """One keypoint picture per face, each the size of the picture it was found in."""
+    return torch.cat([draw_keypoints(f.kps, height, width) for f in faces])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,13 +255,15 @@ def apply_instantid(model, ipadapter, insightface, control_net, image, positive,
         check_controlnet(control_net, unet, spec.face.token_width)
 
     faces = _FacesOnce(insightface)
-    kps_source = image_kps if image_kps is not None else image[:1]
-    kps_image = keypoint_images(faces, kps_source)
+    # detected here first so a missing face names its input; the adapter path reuses these detections
+    reference = _find(faces, image[..., :3], "image (the face reference)")
+    if image_kps is None:  # the pose of the first reference image that holds a face
+        kps_image = keypoint_images(reference[:1], *image.shape[1:3])
+    else:
+        kps_image = keypoint_images(_find(faces, image_kps[..., :3], "image_kps (the keypoints picture)"),
+                                    *image_kps.shape[1:3])
     options = FaceOptions(adapter_name=getattr(ipadapter, "name", ""))
-    try:
-        encoded = encode(spec, None, faces, image, None, options)
-    except ValueError as exc:
-        raise ValueError(f"image (the face reference): {exc}") from exc
+    encoded = encode(spec, None, faces, image, None, options)
     mm.load_models_gpu([ipadapter.patcher])
     tokens = image_tokens(ipadapter, spec, encoded.pos, encoded.neg, "average", options).to(mm.intermediate_device())
 
