@@ -351,9 +351,17 @@ def _mlp_dims(ip, family: str, context: int, token_width: Optional[int] = None) 
 def _perceiver_dims(ip, family: str, token_width: int) -> dict[str, int]:
     p = _PERCEIVER
     proj_in = _need(ip, p + "proj_in.weight", 2, family)
-    depth = len({k.split(".")[2] for k in ip if k.startswith(p + "layers.") and k.count(".") >= 3})
-    if depth == 0:
+    found = {k.split(".")[2] for k in ip if k.startswith(p + "layers.") and k.count(".") >= 3}
+    idx = sorted(int(i) for i in found if i.isdigit())
+    if not idx:
         raise AdapterFormatError(f"image_proj has a perceiver_resampler without 'layers.*'; the {family} is damaged")
+    gaps = sorted(set(range(idx[-1] + 1)) - set(idx))
+    if gaps:
+        raise AdapterFormatError(
+            f"the perceiver of this {family} has layers {_example_list(idx, 6)}: layer "
+            f"{_example_list(gaps, 4)} ('image_proj.{p}layers.{gaps[0]}.*') is missing. The file is incomplete or "
+            "damaged.")
+    depth = idx[-1] + 1
     to_q = _need(ip, p + "layers.0.0.to_q.weight", 2, family)
     ff = _need(ip, p + "layers.0.1.1.weight", 2, family)
     if to_q.shape[0] % HEAD_DIM:
@@ -398,6 +406,10 @@ def detect_face_family(state: Mapping[str, Any]) -> AdapterSpec:
                         model_pack="antelopev2")
         return replace(spec, encoder_input="face-embedding", encoder_name=FACE_ENCODER_NAME, face=face)
 
+    if kind == "kolors-faceid-plus" and lora_keys:
+        raise AdapterFormatError(
+            f"this looks like {_a(family)}, which has no LoRA, but it holds LoRA keys like "
+            f"{_example_list(sorted('ip_adapter.' + k for k in lora_keys), 3)}; a variant this pack does not know")
     if kind in ("faceid", "portrait") and ("proj.0.weight" not in ip or "proj.2.weight" not in ip
                                            or "proj.3.weight" in ip):
         raise AdapterFormatError(
@@ -421,10 +433,6 @@ def detect_face_family(state: Mapping[str, Any]) -> AdapterSpec:
     e, h, tokens, c = _mlp_dims(ip, family, int(context), token_width)
     dims = _perceiver_dims(ip, family, c)
     if kolors:
-        if lora is not None:
-            raise AdapterFormatError(
-                f"this looks like {_a(family)}, which has no LoRA, but it holds LoRA keys like "
-                f"{_example_list(sorted('ip_adapter.' + k for k in lora_keys), 3)}; a variant this pack does not know")
         arch = "kolors" if arch == "sdxl" else arch
         face = FaceSpec(kind=kind, embedding="raw", uses_clip=True, shortcut="always", crop_size=336,
                         token_width=c, embedding_width=e, model_pack="antelopev2", shortcut_default=True)
