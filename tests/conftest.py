@@ -45,3 +45,18 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"host test skipped while IPADAPTER_FUSED_REQUIRE_HOST is set: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # The same for a whole host module skipped while it is imported (pytest.importorskip at module
+    # level): that skip never reaches pytest_runtest_makereport.
+    outcome = yield
+    report = outcome.get_result()
+    if not (_REQUIRE_HOST and report.skipped):
+        return
+    path = pathlib.Path(str(collector.path)).resolve()
+    if any(d in path.parents for d in _HOST_DIRS):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"host test module skipped while IPADAPTER_FUSED_REQUIRE_HOST is set: {reason}"
