@@ -12,7 +12,7 @@ from .dit_families import detect_dit_family, dit_family_of, expected_dit_shapes,
 from .dit_projections import MLPTokens, TimeResampler, XLabsTokens
 from .synthetic import DIT_LAYOUTS, dit_adapter_spec, save_synthetic_dit_adapter, synthetic_dit_adapter_state
 from .synthetic import save_synthetic_mip_adapter, synthetic_mip_state
-from .families import FaceSpec, LoraSpec
+from .families import EncoderPart, FaceSpec, LayersPart, LoraSpec, ProjectionPart
 from .face_families import FACE_KINDS, describe_face, detect_face_family, expected_face_shapes, face_family_of
 from .face_projections import FaceIDMLP, FaceIDPlusProjection, FacePerceiver
 from .synthetic import face_adapter_spec, save_synthetic_face_adapter, synthetic_face_state
@@ -22,8 +22,11 @@ __all__ = [
     "FaceIDMLP",
     "FaceIDPlusProjection",
     "FacePerceiver",
+    "EncoderPart",
     "FaceSpec",
+    "LayersPart",
     "LoraSpec",
+    "ProjectionPart",
     "describe_face",
     "detect_face_family",
     "expected_face_shapes",

@@ -15,7 +15,7 @@ import torch
 
 from .loading import AdapterFormatError, _example_list, flatten_state, group_state
 
-__all__ = ["AdapterSpec", "FaceSpec", "LoraSpec", "detect_family", "expected_shapes", "HEAD_DIM", "LAYOUTS"]
+__all__ = ["AdapterSpec", "EncoderPart", "FaceSpec", "LayersPart", "LoraSpec", "ProjectionPart", "detect_family", "expected_shapes", "HEAD_DIM", "LAYOUTS"]
 
 # All published Plus-type resamplers use 64-wide heads; the head count is only recoverable
 # from the checkpoint because of that convention (rows of to_q / 64).
@@ -72,6 +72,39 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class EncoderPart:
+    """What feeds the projection (AdapterSpec.encoder_part)."""
+    name: str                     # the encoder registry's key: AdapterSpec.encoder
+    model: str                    # the vision model that fits (CLIP / SigLIP name), or the InsightFace embedding
+    input: str                    # "image_embeds" | "penultimate" | "pooled" | "face-embedding"
+    width: int                    # last dim the projection reads (the CLIP width for FaceID Plus)
+    face: Optional[FaceSpec] = None
+
+
+@dataclass(frozen=True)
+class ProjectionPart:
+    """The network from encoder output to image tokens (AdapterSpec.projection)."""
+    layout: str                   # "base" | "plus" | "full-face" | "faceid" | "faceid-plus" | DiT layouts
+    tokens: int
+    token_width: int              # = the layers' context width except Kolors FaceID-Plus
+    resampler: Optional[tuple[int, int, int, int]] = None  # (width, heads, depth, feed-forward width)
+    hidden_dim: Optional[int] = None                        # MLP hidden width (FaceID, InstantX Flux)
+    time_conditioned: bool = False
+
+
+@dataclass(frozen=True)
+class LayersPart:
+    """Where the image tokens enter the model (AdapterSpec.layers)."""
+    architecture: str             # "unet" | "flux" | "sd3"
+    injection: str
+    context_dim: int              # in-features of every to_k_ip / to_v_ip
+    widths: tuple[int, ...]       # out-features per layer, checkpoint order
+    blocks: tuple[tuple[str, int], ...] = ()
+    gated: bool = False           # MIP-Adapter text_to_weight gates
+    arch_hint: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """Everything about an adapter that is fixed by its checkpoint."""
     layout: str                       # "base" | "plus" | "full-face"
@@ -104,6 +137,25 @@ class AdapterSpec:
     # Face identity families: what the face encoder must give, and the LoRA some of them carry.
     face: Optional[FaceSpec] = None
     lora: Optional[LoraSpec] = None
+
+    # The spec in four parts (encoder, projection, layers, optional LoRA). The fields stay flat so every
+    # existing reader keeps working; these views group them for code that handles one part.
+    @property
+    def encoder_part(self) -> EncoderPart:
+        return EncoderPart(self.encoder, self.encoder_name, self.encoder_input, self.encoder_width, self.face)
+
+    @property
+    def projection(self) -> ProjectionPart:
+        resampler = None
+        if self.resampler_dim is not None:
+            resampler = (self.resampler_dim, self.resampler_heads, self.resampler_depth, self.resampler_ff_dim)
+        width = self.face.token_width if self.face is not None else self.context_dim
+        return ProjectionPart(self.layout, self.tokens, width, resampler, self.proj_hidden_dim, self.time_conditioned)
+
+    @property
+    def layers(self) -> LayersPart:
+        return LayersPart(self.architecture, self.injection, self.context_dim, self.layer_dims, self.layer_blocks,
+                          self.mip_gate, self.arch_hint)
 
     @property
     def encoder(self) -> str:

@@ -262,3 +262,18 @@ def test_specs_are_frozen_and_comparable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.face.kind = "portrait"
     assert spec == face_adapter_spec("faceid") and hash(spec) == hash(face_adapter_spec("faceid"))
+
+
+def test_spec_parts():
+    """The spec's encoder / projection / layers / LoRA parts, for a face family and a CLIP one."""
+    spec = detect_family(synthetic_face_state("kolors-faceid-plus", "kolors", "full", meta=True))
+    enc, proj, layers = spec.encoder_part, spec.projection, spec.layers
+    assert (enc.name, enc.model, enc.input, enc.width, enc.face.kind) == (
+        "insightface+clip", "CLIP ViT-L/14-336", "penultimate", 1024, "kolors-faceid-plus")
+    assert (proj.layout, proj.tokens, proj.token_width, proj.resampler, proj.hidden_dim) == (
+        "faceid-plus", 6, 4096, (4096, 64, 4, 16384), 1024)
+    assert (layers.architecture, layers.context_dim, layers.widths, layers.arch_hint) == ("unet", 2048, SDXL, "kolors")
+    assert spec.lora is None
+    plus = detect_family(synthetic_adapter_state("plus", [8, 16], 12, 20, resampler_dim=64, resampler_heads=1, depth=2))
+    assert (plus.encoder_part.name, plus.encoder_part.face, plus.projection.token_width) == ("clip-hidden", None, 12)
+    assert plus.projection.resampler == (64, 1, 2, 256) and plus.layers.widths == (8, 16) and not plus.layers.gated
