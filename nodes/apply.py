@@ -198,7 +198,7 @@ def run_wrapper(executor, *args, **kwargs):
             entry.release()
 
 
-def apply_adapter(
+def apply_adapter_and_crops(
     model,
     adapter,                 # nodes.loaders.LoadedAdapter
     clip_vision,
@@ -262,7 +262,7 @@ def apply_adapter(
         _register(patched, adapter, pe)
         if apply_model_wrapper not in patched.get_wrappers(pe.WrappersMP.APPLY_MODEL, ADDITIONAL_MODELS_KEY):
             patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, ADDITIONAL_MODELS_KEY, apply_model_wrapper)
-        return patched
+        return patched, _shown(encoded, image)
 
     sites = unet_attn2_sites(unet)
     check_adapter_fits(spec, sites, kolors_model=getattr(unet, "encoder_hid_proj", None) is not None)
@@ -295,7 +295,17 @@ def apply_adapter(
     _register(patched, adapter, pe)
     if lora is not None:
         lora(patched)
-    return patched
+    return patched, _shown(encoded, image)
+
+
+def _shown(encoded, image) -> torch.Tensor:
+    # what the encoder read: the aligned face crops for the face families, else the references
+    return encoded.crops if encoded.crops is not None else image[..., :3]
+
+
+def apply_adapter(model, adapter, clip_vision, image, *args, **kwargs):
+    """The patched clone (apply_adapter_and_crops without the picture of what was read)."""
+    return apply_adapter_and_crops(model, adapter, clip_vision, image, *args, **kwargs)[0]
 
 
 def _register(patched, adapter, pe) -> None:

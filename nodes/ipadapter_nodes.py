@@ -1,7 +1,7 @@
 """Node classes: declarations and thin calls into apply.py / loaders.py. No state."""
 from __future__ import annotations
 
-from .apply import MIDDLE_BLOCK, apply_adapter
+from .apply import MIDDLE_BLOCK, apply_adapter, apply_adapter_and_crops
 from .auto_select import AUTO_CLIP_VISION, resolve_clip_vision
 from .clip_vision import IPAdapterFusedClipVisionLoader
 from .encode import COMBINE_METHODS
@@ -102,7 +102,12 @@ class IPAdapterFusedApply:
                    "adapter's extra attention in the blocks of Flux, Chroma and SD3.5. Several of these nodes can "
                    "be chained on one model.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
+    RETURN_TYPES = ("MODEL", "IMAGE")
+    RETURN_NAMES = ("MODEL", "face_crops")
+    OUTPUT_TOOLTIPS = ("The model with the image prompt.",
+                       "What the encoder read: the aligned face crops of the face families (FaceID, FaceID Plus, "
+                       "Portrait, InstantID, Kolors FaceID), one per face used; for other adapters the reference "
+                       "images.")
     FUNCTION = "apply"
 
     @classmethod
@@ -158,10 +163,10 @@ class IPAdapterFusedApply:
               face_structure="auto", face_structure_weight=1.0, face_embedding="auto", faceid_lora_strength=1.0):
         _require_tensor(attn_mask, "attn_mask", "MASK")
         face = FaceOptions(structure=face_structure, structure_weight=face_structure_weight, embedding=face_embedding)
-        return (apply_adapter(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
-                              combine_embeds, embeds_scaling, middle_block, image_negative, attn_mask,
-                              layer_weights, weight_composition, image_weights, insightface, face,
-                              faceid_lora_strength),)
+        return apply_adapter_and_crops(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at,
+                                       combine_embeds, embeds_scaling, middle_block, image_negative, attn_mask,
+                                       layer_weights, weight_composition, image_weights, insightface, face,
+                                       faceid_lora_strength)
 
 
 class IPAdapterFusedSimple:

@@ -38,7 +38,7 @@ def test_one_category_and_no_class_state(nodes):
         assert cls.DESCRIPTION
         own = {k for k, v in vars(cls).items() if not k.startswith("__") and not callable(v)
                and not isinstance(v, (classmethod, staticmethod))}
-        assert own <= {"DESCRIPTION", "CATEGORY", "RETURN_TYPES", "RETURN_NAMES", "FUNCTION"}, own
+        assert own <= {"DESCRIPTION", "CATEGORY", "RETURN_TYPES", "RETURN_NAMES", "OUTPUT_TOOLTIPS", "FUNCTION"}, own
 
 
 def test_weight_types_cover_the_established_list(nodes):

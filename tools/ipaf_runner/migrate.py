@@ -104,7 +104,7 @@ TARGET_NODES = {
          ("face_structure", [["auto", "V2 (shortcut on)", "V1 (shortcut off)"], {"default": "auto"}]),
          ("face_structure_weight", _f(1.0)), ("face_embedding", [["auto", "normed", "raw"], {"default": "auto"}]),
          ("faceid_lora_strength", _f(1.0, 0.0, 2.0))],
-        ["MODEL"]),
+        ["MODEL", "IMAGE"], ["MODEL", "face_crops"]),
     UNIFIED_TARGET: _decl([("model", ["MODEL"]),
                            ("preset", [["light", "standard", "vit-G", "plus", "plus-face", "full-face"],
                                        {"default": "standard"}])],
