@@ -9,6 +9,8 @@ def _register_with_host() -> None:
         return
     from .loaders import register_folder
     register_folder()
+    from .face_nodes import register_folder as register_insightface_folder  # models/insightface
+    register_insightface_folder()
     from .migrate_route import register_route  # "Convert IPAdapter_plus nodes" (web/js)
     register_route()
 

@@ -227,3 +227,9 @@ from .instantid import NODE_CLASS_MAPPINGS as _INSTANTID_NODES, NODE_DISPLAY_NAM
 
 NODE_CLASS_MAPPINGS.update(_INSTANTID_NODES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_INSTANTID_NAMES)
+
+# Face nodes (InsightFace loader, aligned face crops) live in face_nodes.py; insightface is optional.
+from .face_nodes import NODE_CLASS_MAPPINGS as _FACE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _FACE_NAMES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_FACE_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_FACE_NAMES)
