@@ -284,3 +284,45 @@ def test_missing_faces_and_bad_inputs_are_named(host, controlnet, adapter, tiny_
         _call(host, tiny_sdxl(), adapter, controlnet, cn_strength=float("nan"))
     with pytest.raises(ValueError, match="does not fit the model"):
         _call(host, tiny_sd15(), adapter, controlnet)
+
+
+# ---------------------------------------------------------------------------------------------------
+# With the real insightface code path (tiny ONNX models with the real signatures)
+# ---------------------------------------------------------------------------------------------------
+def test_with_real_face_analysis_keypoints_and_tokens_follow_insightface(host, controlnet, adapter, tiny_sdxl,
+                                                                         tmp_path_factory):
+    import importlib
+
+    pytest.importorskip("onnxruntime")
+    FaceAnalysis = pytest.importorskip("insightface.app").FaceAnalysis
+
+    from ipadapter_fused.face.analysis import DetectOptions, load_face_analysis
+    from ipadapter_fused.nodes.instantid import CONTROLNET_CONTEXT_KEY, apply_instantid, draw_keypoints
+
+    torch = host.torch
+    util.load_runner()
+    tiny_faces = importlib.import_module("ipaf_runner.tiny_faces")
+    pack = tiny_faces.write_pack(tmp_path_factory.mktemp("insightface"))
+    size = 224
+    ref_rgb = tiny_faces.draw_faces(size, size, [(70, 60, 72)])
+    pose_rgb = tiny_faces.draw_faces(size, size, [(100, 90, 64)])
+
+    def as_image(rgb):
+        return torch.from_numpy(rgb).float().div(255.0)[None]
+
+    # insightface's own FaceAnalysis, called directly: the raw embedding and the keypoints it gives
+    app = FaceAnalysis(name=str(pack), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_size=(640, 640))
+    (ref_face,) = app.get(np.ascontiguousarray(ref_rgb[..., ::-1]))
+    (pose_face,) = app.get(np.ascontiguousarray(pose_rgb[..., ::-1]))
+
+    analysis = load_face_analysis(str(pack), "CPU", DetectOptions())
+    patched, p, n, kps = apply_instantid(tiny_sdxl(), adapter, analysis, controlnet, as_image(ref_rgb),
+                                         util.make_cond("sdxl", seed=1), util.make_cond("sdxl", seed=2),
+                                         image_kps=as_image(pose_rgb))
+    assert torch.equal(kps, draw_keypoints(pose_face.kps, size, size))
+    tp, tn = _tokens(adapter, torch.from_numpy(np.asarray(ref_face.embedding, np.float32))[None])
+    assert torch.allclose(p[0][1][CONTROLNET_CONTEXT_KEY], tp, atol=1e-4)
+    assert torch.allclose(n[0][1][CONTROLNET_CONTEXT_KEY], tn, atol=1e-4)
+    out = util.sample(patched, p, n, steps=1, cfg=5.0, latent_size=size // 8)
+    assert torch.isfinite(out).all()
