@@ -318,8 +318,8 @@ class IPAdapterFusedInstantID:
             },
             "optional": {
                 "image_kps": ("IMAGE", {"tooltip": "A picture whose face sets the pose: its keypoints are drawn for "
-                                                   "the ControlNet, at its size (give it the output's aspect ratio: the "
-                                                   "host crops the centre). Default: the first reference image."}),
+                                                   "the ControlNet, at its size (give it the output's aspect ratio: "
+                                                   "the host crops the centre). Default: the first reference image."}),
                 "attn_mask": ("MASK", {"tooltip": "Optional region where the face adapter acts (the ControlNet acts "
                                                   "where the keypoints are)."}),
             },
