@@ -70,3 +70,41 @@ def write_tiny_sdxl_controlnet(path: Path, seed: int = 7, dtype: str = "float16"
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(sdxl_controlnet_state(seed=seed, **sizes), path, dtype=dtype)
     return path
+
+
+SC_SDXL_CONTROLNET = "ipaf_selfcheck_sdxl_identitynet.safetensors"
+SC_INSTANTID_ADAPTER = "ipaf_selfcheck_sdxl_instantid.safetensors"
+
+
+def make_instantid_adapter(path: Path, layer_dims=None, seed: int = 0) -> Path:
+    """An InstantID face adapter (Plus resampler reading the 512-wide antelopev2 embedding into 16 tokens of
+    width 2048; detected as the face-embedding resampler family) for the tiny SDXL checkpoint's 70 layers,
+    with a small resampler (width 64, one head, one layer); float16 (184 MB: the K/V of 70 layers)."""
+    import os
+
+    import torch
+
+    from .tiny_models import SC_SDXL_CONTEXT, SC_SDXL_LAYER_DIMS, _import_pack_module
+
+    synthetic = _import_pack_module("models.synthetic")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part.safetensors")
+    synthetic.save_synthetic_adapter(str(tmp), "plus", list(layer_dims or SC_SDXL_LAYER_DIMS), SC_SDXL_CONTEXT, 512,
+                                     tokens=16, resampler_dim=64, resampler_heads=1, depth=1, seed=seed,
+                                     dtype=torch.float16)
+    os.replace(tmp, path)
+    return path
+
+
+def instantid_files(work_dir: Path, cache_dir: Path | None = None) -> dict:
+    """{host folder: [files]} an InstantID run adds to tiny_models.sdxl_models(): the IdentityNet-shaped
+    ControlNet (cached: 138M parameters, 276 MB in float16) and the InstantID adapter (made in work_dir).
+    The face model pack comes from tiny_faces.write_pack (models/insightface/models/<name>/)."""
+    from .tiny_models import SELFCHECK_MODELS_VERSION, _cached, default_cache_dir
+
+    root = Path(cache_dir or default_cache_dir()) / f"selfcheck-models-v{SELFCHECK_MODELS_VERSION}"
+    cn = _cached(root / "controlnet" / SC_SDXL_CONTROLNET,
+                 "SDXL ControlNet (IdentityNet layout) for the tiny SDXL checkpoint", write_tiny_sdxl_controlnet)
+    adapter = make_instantid_adapter(Path(work_dir) / "ipadapter" / SC_INSTANTID_ADAPTER)
+    return {"controlnet": [cn], "ipadapter": [adapter]}
