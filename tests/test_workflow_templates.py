@@ -15,7 +15,9 @@ FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "CLIPVisionLoader": "clip_vi
            "IPAdapterFusedClipVisionLoader": "clip_vision", "UNETLoader": "diffusion_models", "VAELoader": "vae",
            "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders", "TripleCLIPLoader": "text_encoders",
            "IPAdapterFusedSimple": "ipadapter", "IPAdapterFusedUnifiedLoader": "ipadapter",
-           "IPAdapterFusedMultiReference": "ipadapter"}
+           "IPAdapterFusedMultiReference": "ipadapter", "ControlNetLoader": "controlnet",
+           # ComfyUI-Kolors-MZ's loaders (workflows/kolors_faceid.json)
+           "MZ_KolorsUNETLoaderV2": "unet", "MZ_ChatGLM3Loader": "LLM"}
 PUBLISHED = re.compile(r"\b[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/repository (Hugging Face)
 
 

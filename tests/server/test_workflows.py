@@ -14,9 +14,11 @@ from ipaf_runner import convert, tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
 # The DiT workflows need other tiny models and two test-only stand-ins: test_dit_workflows.py runs them;
-# the region / MIP ones (masks, a MIP file, a with/without comparison): test_region_workflows.py.
+# the region / MIP ones (masks, a MIP file, a with/without comparison): test_region_workflows.py; the face
+# ones (InsightFace packs, face adapters, Kolors stand-ins): test_face_workflows.py.
 WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json")
-                   if not p.name.startswith(("flux_", "sd35_", "regions_", "mip_"))) + [
+                   if not p.name.startswith(("flux_", "sd35_", "regions_", "mip_", "faceid_", "instantid_",
+                                             "kolors_"))) + [
     ROOT / "tools" / "ipaf_runner" / "selfcheck_sd15.json"]
 # What stays of each workflow: its graph and settings; only these inputs are rebound (by input name).
 MAX_SIZE = 64

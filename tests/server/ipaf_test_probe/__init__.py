@@ -18,6 +18,7 @@ async def run_caches(request):
 
 
 from .dit_stand_ins import NODE_CLASS_MAPPINGS as _DIT_STAND_INS  # noqa: E402  (tests/server/test_dit_workflows.py)
+from .face_stand_ins import NODE_CLASS_MAPPINGS as _FACE_STAND_INS  # noqa: E402  (tests/server/test_face_workflows.py)
 
-NODE_CLASS_MAPPINGS = dict(_DIT_STAND_INS)
+NODE_CLASS_MAPPINGS = dict(_DIT_STAND_INS, **_FACE_STAND_INS)
 NODE_DISPLAY_NAME_MAPPINGS = {}
