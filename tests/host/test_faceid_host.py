@@ -264,3 +264,52 @@ def test_no_face_is_a_clear_error_before_any_patch(host, tiny_sd15, tiny_clip_vi
     patched = apply_adapter(model, adapter, tiny_clip_vision(**CLIP), torch.cat([face, blank]),
                             insightface=_analysis(face_pack, on_missing="skip"))
     assert patched.patches
+
+
+PLUS_CASES = [
+    ("sd15", "faceid", dict(hidden=1024), dict(weight=0.9)),
+    ("sd15", "faceid-plus", dict(hidden=1024, clip_width=64, heads=12, depth=4, ff_dim=3072),
+     dict(weight=1.0, structure_weight=1.5)),
+    ("sdxl", "portrait", dict(hidden=1024), dict(weight=0.8, weight_type="ease in")),
+]
+
+
+@pytest.mark.parametrize("kind,family,dims,opts", PLUS_CASES, ids=[f"{a}-{b}" for a, b, _, _ in PLUS_CASES])
+def test_face_families_reproduce_ipadapter_plus(host, ipadapter_plus, kind, family, dims, opts, tiny_sd15, tiny_sdxl,
+                                                tiny_clip_vision, sampler, cond, face_pack, tmp_path):
+    """The compatibility mode (middle block skipped) against ComfyUI_IPAdapter_plus's own FaceID path, both
+    reading the same tiny InsightFace pack through the real insightface package (its LoRA left out on both
+    sides: that pack loads it with a separate LoRA node, compared in test_faceid_lora_host)."""
+    from insightface.app import FaceAnalysis
+
+    from ipadapter_fused.models import load_adapter_state
+    from ipadapter_fused.nodes.apply import apply_adapter
+    from ipadapter_fused.nodes.encoders import FaceOptions
+
+    torch = host.torch
+    model = (tiny_sd15 if kind == "sd15" else tiny_sdxl)()
+    cv = tiny_clip_vision(**CLIP)
+    adapter, _ = _adapter(host, model, family, tmp_path, **dims)
+    path = tmp_path / f"{family}_{'sd15' if kind == 'sd15' else 'sdxl'}.safetensors"
+    _, image = _face_image(torch)
+    weight = opts["weight"]
+    v2 = "structure_weight" in opts
+    ours = apply_adapter(model, adapter, cv, image, weight=weight, weight_type=opts.get("weight_type", "linear"),
+                         middle_block="skip (IPAdapter_plus compatible)", insightface=_analysis(face_pack),
+                         face=FaceOptions(structure="V2 (shortcut on)" if v2 else "auto",
+                                          structure_weight=opts.get("structure_weight", 1.0)),
+                         faceid_lora_strength=0.0)
+    app = FaceAnalysis(name=str(face_pack), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=0, det_size=(640, 640))
+    state = load_adapter_state(path)
+    if v2:
+        state["faceidplusv2"] = True  # what that pack's loader sets from a file name with 'plusv2'
+    theirs, _ = ipadapter_plus.IPAdapterPlus.ipadapter_execute(
+        model.clone(), state, cv, insightface=app, image=image, weight=weight,
+        weight_faceidv2=opts.get("structure_weight"), weight_type=opts.get("weight_type", "linear"))
+    a = sampler(ours, cond(kind, seed=1), cond(kind, seed=2), steps=2, latent_size=16)
+    b = sampler(theirs, cond(kind, seed=1), cond(kind, seed=2), steps=2, latent_size=16)
+    plain = sampler(model, cond(kind, seed=1), cond(kind, seed=2), steps=2, latent_size=16)
+    assert (a - plain).abs().max() > 1e-3 * a.abs().max()
+    util.assert_layers_match(util.compare_layers(ours, theirs, kind, util.attn2_sites(model)))
+    util.assert_latents_match(a, b)
