@@ -191,7 +191,9 @@ class _FacesOnce:
 
     @staticmethod
     def _key(images: torch.Tensor):
-        return (images.data_ptr(), tuple(images.shape), tuple(images.stride()), images.dtype, images._version)
+        # the same view of the same pixels; the node changes no pixels (and inference tensors, which the
+        # host's executor makes, keep no version counter)
+        return (images.data_ptr(), tuple(images.shape), tuple(images.stride()), images.dtype, str(images.device))
 
     def find_faces(self, images):
         key = self._key(images)

@@ -317,9 +317,10 @@ def test_with_real_face_analysis_keypoints_and_tokens_follow_insightface(host, c
     (pose_face,) = app.get(np.ascontiguousarray(pose_rgb[..., ::-1]))
 
     analysis = load_face_analysis(str(pack), "CPU", DetectOptions())
-    patched, p, n, kps = apply_instantid(tiny_sdxl(), adapter, analysis, controlnet, as_image(ref_rgb),
-                                         util.make_cond("sdxl", seed=1), util.make_cond("sdxl", seed=2),
-                                         image_kps=as_image(pose_rgb))
+    with torch.inference_mode():  # as the host's executor runs nodes
+        patched, p, n, kps = apply_instantid(tiny_sdxl(), adapter, analysis, controlnet, as_image(ref_rgb),
+                                             util.make_cond("sdxl", seed=1), util.make_cond("sdxl", seed=2),
+                                             image_kps=as_image(pose_rgb))
     assert torch.equal(kps, draw_keypoints(pose_face.kps, size, size))
     tp, tn = _tokens(adapter, torch.from_numpy(np.asarray(ref_face.embedding, np.float32))[None])
     assert torch.allclose(p[0][1][CONTROLNET_CONTEXT_KEY], tp, atol=1e-4)
