@@ -146,12 +146,12 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--det-size", type=int, default=640)
-    ap.add_argument("--quick", action="store_true", help="3 repeats on a 256x320 image")
+    ap.add_argument("--quick", action="store_true", help="2 repeats on a 256x320 image")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--note", default="", help="a note on the machine kept in the JSON")
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats, args.height, args.width = 3, 256, 320
+        args.repeats, args.height, args.width = 2, 256, 320
     warnings.filterwarnings("ignore", category=FutureWarning)   # scikit-image's estimate() in norm_crop
     load_start = os.getloadavg()
     result = run(args.pack, args.repeats, args.height, args.width, args.det_size)
