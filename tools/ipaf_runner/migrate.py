@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ from .convert import map_widget_values, widget_inputs
 
 COMPATIBLE_MIDDLE = "skip (IPAdapter_plus compatible)"
 UNIFIED_TARGET = "IPAdapterFusedUnifiedLoader"
+INSIGHTFACE_TARGET = "IPAdapterFusedInsightFaceLoader"
 PACK_NODES_DIR = Path(__file__).resolve().parents[2] / "nodes"
 
 # -- declarations (object_info format: input.required/optional in order, output, output_name) ---------
@@ -48,6 +50,16 @@ def _decl(required, optional=None, output=(), output_name=None):
 _WINDOW = [("start_at", _f(0.0, 0.0, 1.0, 0.001)), ("end_at", _f(1.0, 0.0, 1.0, 0.001))]
 _APPLY_OPT = [("image_negative", ["IMAGE"]), ("attn_mask", ["MASK"]), ("clip_vision", ["CLIP_VISION"])]
 _HEAD = [("model", ["MODEL"]), ("ipadapter", ["IPADAPTER"])]
+_FACE_OPT = _APPLY_OPT + [("insightface", ["INSIGHTFACE"])]
+_FACEID_PRESETS = ["FACEID", "FACEID PLUS - SD1.5 only", "FACEID PLUS V2", "FACEID PORTRAIT (style transfer)",
+                   "FACEID PORTRAIT UNNORM - SDXL only (strong)"]
+
+
+def _plus_faceid(kolors=False):
+    return _decl(_HEAD + [("image", ["IMAGE"]), ("weight", _f(1.0, -1, 3)), ("weight_faceidv2", _f(1.0)),
+                          *([("weight_kolors", _f(1.0))] if kolors else []), ("weight_type", [_PLUS_WEIGHT_TYPES]),
+                          ("combine_embeds", [_COMBINE5]), *_WINDOW, ("embeds_scaling", [_SCALING])],
+                 _FACE_OPT, ["MODEL", "IMAGE"], ["MODEL", "face_image"])
 
 
 def _plus_apply(middle, optional=_APPLY_OPT):
@@ -76,13 +88,21 @@ PLUS_NODES = {
         ("image", ["IMAGE"]), ("weight", _f(1.0)), ("weight_faceidv2", _f(1.0)), ("weight_type", [_PLUS_WEIGHT_TYPES]),
         ("combine_embeds", [_COMBINE5]), *_WINDOW, ("embeds_scaling", [_SCALING]),
         ("layer_weights", ["STRING", {"default": "", "multiline": True}])],
-        _APPLY_OPT + [("insightface", ["INSIGHTFACE"])]),
+        _FACE_OPT),
     "IPAdapterPreciseStyleTransfer": _plus_apply([
         ("image", ["IMAGE"]), ("weight", _f(1.0)), ("style_boost", _f(1.0, -5, 5)), ("combine_embeds", [_COMBINE5]),
         *_WINDOW, ("embeds_scaling", [_SCALING])]),
     "IPAdapterPreciseComposition": _plus_apply([
         ("image", ["IMAGE"]), ("weight", _f(1.0)), ("composition_boost", _f(0.0, -5, 5)),
         ("combine_embeds", [_COMBINE5]), *_WINDOW, ("embeds_scaling", [_SCALING])]),
+    "IPAdapterFaceID": _plus_faceid(),
+    "IPAdapterFaceIDKolors": _plus_faceid(kolors=True),
+    "IPAdapterInsightFaceLoader": _decl([("provider", [["CPU", "CUDA", "ROCM"]]),
+                                         ("model_name", [["buffalo_l", "antelopev2"]])], None, ["INSIGHTFACE"]),
+    "IPAdapterUnifiedLoaderFaceID": _decl(
+        [("model", ["MODEL"]), ("preset", [_FACEID_PRESETS]), ("lora_strength", _f(0.6, 0, 1, 0.01)),
+         ("provider", [["CPU", "CUDA", "ROCM", "DirectML", "OpenVINO", "CoreML"]])],
+        [("ipadapter", ["IPADAPTER"])], ["MODEL", "IPADAPTER"], ["MODEL", "ipadapter"]),
 }
 
 # This pack's nodes (and the host's CLIPVisionLoader) as the converter writes them; the route and
@@ -111,20 +131,24 @@ TARGET_NODES = {
                           [("ipadapter_file", [["by preset (content)"], {"default": "by preset (content)"}]),
                            ("clip_vision_file", [["auto (by content)"], {"default": "auto (by content)"}])],
                           ["MODEL", "IPADAPTER_FUSED", "CLIP_VISION"], ["model", "ipadapter", "clip_vision"]),
+    INSIGHTFACE_TARGET: _decl([("model_pack", [["buffalo_l", "antelopev2"]]),
+                               ("provider", [["auto", "CPU", "CUDA"], {"default": "auto"}]),
+                               ("det_size", ["INT", {"default": 640, "min": 128, "max": 2048, "step": 32}]),
+                               ("face", [["largest", "by index"], {"default": "largest"}]),
+                               ("face_index", ["INT", {"default": 0, "min": 0, "max": 63}]),
+                               ("if_no_face", [["error", "skip image"], {"default": "error"}])],
+                              None, ["IPAF_INSIGHTFACE"], ["insightface"]),
 }
 
 # That pack's types this pack has its own of.
-TYPE_MAP = {"IPADAPTER": "IPADAPTER_FUSED"}
+TYPE_MAP = {"IPADAPTER": "IPADAPTER_FUSED", "INSIGHTFACE": "IPAF_INSIGHTFACE"}
 
 # -- the rules, node by node ----------------------------------------------------------------------------
 
 # Why each node that pack has is not converted (the report quotes these).
 NO_EQUIVALENT = {
-    "IPAdapterFaceID": "FaceID adapters read an InsightFace face embedding; this pack does not support FaceID",
-    "IPAdapterFaceIDKolors": "FaceID adapters read an InsightFace face embedding; this pack does not support FaceID",
-    "IPAAdapterFaceIDBatch": "FaceID adapters read an InsightFace face embedding; this pack does not support FaceID",
-    "IPAdapterUnifiedLoaderFaceID": "FaceID presets (InsightFace + LoRA); this pack does not support FaceID",
-    "IPAdapterInsightFaceLoader": "InsightFace is used only by FaceID, which this pack does not support",
+    "IPAAdapterFaceIDBatch": "it gives each latent of the batch its own reference face (unfold batch); this pack "
+                             "applies every reference face to every latent",
     "IPAdapterUnifiedLoaderCommunity": "its presets (Composition, Kolors) are files this pack's loader does "
                                        "not pick; load the file with 'IPAdapter Loader (Fused)'",
     "IPAdapterBatch": "it gives each latent of the batch its own reference image (unfold batch); this pack "
@@ -178,6 +202,9 @@ def _same(*names):
 
 _APPLY_LINKS = _same("model", "ipadapter", "image", "image_negative", "attn_mask", "clip_vision")
 _APPLY_WIDGETS = _same("weight", "weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling")
+# weight_faceidv2 is the FaceID Plus V2 shortcut's weight, which this pack calls face_structure_weight
+_FACE_INPUTS = {**_APPLY_LINKS, **_APPLY_WIDGETS, "insightface": "insightface",
+                "weight_faceidv2": "face_structure_weight"}
 
 
 def _compatible(extra=None):
@@ -188,10 +215,27 @@ def _compatible(extra=None):
     return values
 
 
-def _refuse_insightface(node, graph, values):
-    if graph.input_link(node, "insightface") is not None:
-        return "its insightface input is connected (FaceID), which this pack does not support"
-    return None
+# Loaders whose IPADAPTER also carried the CLIP vision model (the converted apply node is wired to it).
+_CARRIES_CLIP_VISION = ("IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID")
+
+
+def _refuse_faceid(node, graph, values):
+    """A FaceID use (a FaceID node, or IPAdapterMS with insightface) converts only when a CLIP vision model
+    reaches it: optional there, required by this pack's apply node."""
+    t = node.get("type")
+    faceid_use = t != "IPAdapterMS" or graph.input_link(node, "insightface") is not None
+    if t == "IPAdapterFaceIDKolors" and values.get("weight_kolors", 1.0) != 1.0:
+        return (f"weight_kolors = {values['weight_kolors']} scales the Kolors UNet's encoder_hid_proj for the adapter "
+                "in that pack; this pack has no counterpart (set weight_kolors to 1.0 to convert)")
+    if not faceid_use or graph.input_link(node, "clip_vision") is not None:
+        return None
+    src = graph.source(graph.input_link(node, "ipadapter"))
+    if src is not None and graph.nodes.get(src[0], {}).get("type") in _CARRIES_CLIP_VISION:
+        return None
+    encoder = "clip-vit-large-patch14-336" if t == "IPAdapterFaceIDKolors" else "CLIP ViT-H/14"
+    return ("clip_vision is not connected and its adapter comes from a loader without a CLIP vision model (that "
+            "pack stopped there with 'Missing CLIPVision model'); this pack's apply node needs one: connect a "
+            f"CLIPVisionLoader with {encoder} to clip_vision, then convert")
 
 
 def _refuse_style_composition(node, graph, values):
@@ -226,8 +270,14 @@ RULES = {
                                 "weight_composition": "weight_composition"},
         _compatible(lambda v: {"weight_type": "style and composition"}), _refuse_style_composition,
         drops=("image_composition",)),
-    "IPAdapterMS": Rule("IPAdapterFusedApply", {**_APPLY_LINKS, **_APPLY_WIDGETS, "layer_weights": "layer_weights"},
-                        _compatible(), _refuse_insightface, drops=("weight_faceidv2", "insightface")),
+    "IPAdapterMS": Rule("IPAdapterFusedApply", {**_FACE_INPUTS, "layer_weights": "layer_weights"},
+                        _compatible(), _refuse_faceid),
+    "IPAdapterFaceID": Rule("IPAdapterFusedApply", _FACE_INPUTS, _compatible(), _refuse_faceid),
+    "IPAdapterFaceIDKolors": Rule("IPAdapterFusedApply", _FACE_INPUTS, _compatible(), _refuse_faceid,
+                                  drops=("weight_kolors",)),
+    "IPAdapterInsightFaceLoader": Rule(INSIGHTFACE_TARGET, {"model_name": "model_pack"}),
+    # becomes IPAdapterFusedLoader + CLIPVisionLoader + the InsightFace loader (convert_unified_faceid)
+    "IPAdapterUnifiedLoaderFaceID": Rule("IPAdapterFusedLoader", {}),
     "IPAdapterPreciseStyleTransfer": Rule(
         "IPAdapterFusedApply", {**_APPLY_LINKS, **_APPLY_WIDGETS},
         _compatible(lambda v: {"weight_type": "style transfer precise"}), _refuse_boost("style_boost"),
@@ -249,7 +299,31 @@ _PRESET_ENCODERS = {"vit-g": "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"}
 _DEFAULT_ENCODER = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
 APPLY_TYPES = {t for t, r in RULES.items() if r.target == "IPAdapterFusedApply"}
-LOADER_TYPES = {"IPAdapterModelLoader", "IPAdapterUnifiedLoader"}
+LOADER_TYPES = {"IPAdapterModelLoader", "IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID"}
+FACE_APPLY_TYPES = {"IPAdapterFaceID", "IPAdapterFaceIDKolors"}
+
+# The FaceID unified loader's presets: the published files (SD1.5, SDXL; None where that pack has no such
+# preset), matched against the files there are by name without separators, as that pack's patterns do.
+_FACEID_PRESET_FILES = [
+    ("faceid portrait unnorm", (None, "ip-adapter-faceid-portrait_sdxl_unnorm.bin")),
+    ("faceid portrait", ("ip-adapter-faceid-portrait-v11_sd15.bin", "ip-adapter-faceid-portrait_sdxl.bin")),
+    ("faceid plus v2", ("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin")),
+    ("faceid plus", ("ip-adapter-faceid-plus_sd15.bin", None)),
+    ("faceid", ("ip-adapter-faceid_sd15.bin", "ip-adapter-faceid_sdxl.bin")),
+]
+_FACEID_FILE_ENDINGS = {"ip-adapter-faceid-portrait-v11_sd15.bin": ("portraitv11sd15", "portraitsd15"),
+                        "ip-adapter-faceid-portrait_sdxl.bin": ("portraitsdxl",),
+                        "ip-adapter-faceid-portrait_sdxl_unnorm.bin": ("portraitsdxlunnorm",),
+                        "ip-adapter-faceid-plusv2_sd15.bin": ("faceidplusv2sd15",),
+                        "ip-adapter-faceid-plusv2_sdxl.bin": ("faceidplusv2sdxl",),
+                        "ip-adapter-faceid-plus_sd15.bin": ("faceidplussd15",),
+                        "ip-adapter-faceid_sd15.bin": ("faceidsd15",), "ip-adapter-faceid_sdxl.bin": ("faceidsdxl",)}
+# That pack's provider names -> onnxruntime's short names (DirectML's is "Dml")
+_PROVIDERS = {"CPU": "CPU", "CUDA": "CUDA", "ROCM": "ROCM", "DirectML": "Dml", "OpenVINO": "OpenVINO",
+              "CoreML": "CoreML"}
+# A LoRA file published for a FaceID adapter (ip-adapter-faceid-plusv2_sd15_lora.safetensors, ...)
+_FACEID_LORA = re.compile(r"faceid.*lora", re.IGNORECASE)
+_LORA_LOADERS = {"LoraLoaderModelOnly", "LoraLoader"}  # the host's: lora_name, strength_model first
 
 
 # -- the graph ------------------------------------------------------------------------------------------
@@ -452,7 +526,8 @@ class _Migration:
         self.report = Report()
         self.values = {}      # node id -> that pack's widget values by name
         self.plan = {}        # node id -> Rule (to convert)
-        self.unified = {}     # old unified loader id -> (node id, clip vision output node id, slot)
+        self.unified = {}     # old unified loader id -> (node id, slot) of the CLIP vision output it became
+        self.face_unified = {}  # old FaceID unified loader id -> {"insightface": (node id, slot), "lora_strength"}
         self.older = {}       # node id -> widgets an older version of that pack did not save (defaults used)
 
     # which nodes convert ----------------------------------------------------------------------------
@@ -480,28 +555,33 @@ class _Migration:
                 self.values[nid] = map_widget_values(decl, raw)
                 rule = RULES[t]
                 why = rule.refuse(node, g, self.values[nid]) if rule.refuse else None
-                if rule.target not in self.available and not (t == "IPAdapterUnifiedLoader"):
-                    why = why or f"{rule.target} is not available in this pack"
+                needed = {"IPAdapterUnifiedLoader": (), "IPAdapterUnifiedLoaderFaceID": (
+                    rule.target, INSIGHTFACE_TARGET, "CLIPVisionLoader")}.get(t, (rule.target,))
+                missing = [x for x in needed if x not in self.available]
+                if missing:
+                    why = why or f"{', '.join(missing)} is not available in this pack"
                 if why:
                     reasons[nid] = why
                 else:
                     self.plan[nid] = rule
         # An adapter loader converts only when every node its adapter feeds converts, and an apply node
-        # only when its adapter comes from a loader that converts (IPADAPTER and IPADAPTER_FUSED differ).
+        # only when its adapter comes from a loader that converts (IPADAPTER and IPADAPTER_FUSED differ);
+        # the same for the InsightFace loader and the insightface inputs (INSIGHTFACE, IPAF_INSIGHTFACE).
         changed = True
         while changed:
             changed = False
             for nid in list(self.plan):
                 node = g.nodes[nid]
                 t = node["type"]
-                if t in LOADER_TYPES:
-                    slot = 1 if t == "IPAdapterUnifiedLoader" else 0
+                if t in LOADER_TYPES or t == "IPAdapterInsightFaceLoader":
+                    slot = 1 if t in ("IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID") else 0
                     for target, name, _ in g.consumers(nid, slot):
                         if target.get("type") == "Reroute" or target["id"] in self.plan:
                             continue
                         if t == "IPAdapterUnifiedLoader" and target.get("type") == "IPAdapterUnifiedLoader":
                             continue
-                        reasons[nid] = (f"its adapter also feeds #{target['id']} {target.get('type')}, which stays; "
+                        what = "InsightFace model" if t == "IPAdapterInsightFaceLoader" else "adapter"
+                        reasons[nid] = (f"its {what} also feeds #{target['id']} {target.get('type')}, which stays; "
                                         "convert or remove that node first")
                         del self.plan[nid]
                         changed = True
@@ -511,6 +591,14 @@ class _Migration:
                     if src is None or src[0] not in self.plan:
                         what = "nothing" if src is None else f"#{src[0]} {g.nodes.get(src[0], {}).get('type')}"
                         reasons[nid] = f"its ipadapter input comes from {what}, which is not converted"
+                        del self.plan[nid]
+                        changed = True
+                        continue
+                    face_link = g.input_link(node, "insightface")
+                    src = g.source(face_link) if face_link is not None else None
+                    if face_link is not None and (src is None or src[0] not in self.plan):
+                        what = "nothing" if src is None else f"#{src[0]} {g.nodes.get(src[0], {}).get('type')}"
+                        reasons[nid] = f"its insightface input comes from {what}, which is not converted"
                         del self.plan[nid]
                         changed = True
         for nid, why in reasons.items():
@@ -623,9 +711,23 @@ class _Migration:
         # no unified loader in this pack: the adapter loader plus the host's CLIP vision loader; what
         # consumed its MODEL output takes the model it was given
         node = g.nodes[nid]
-        model_src = g.source(g.input_link(node, "model"))
-        model_links = [lid for lid, link in g.links.items() if link[1] == nid and link[2] == 0]
-        for lid in model_links:
+        self._bypass_model(nid)
+        file = _PRESET_FILES.get(word, _PRESET_FILES["standard"])
+        loader_rule = Rule("IPAdapterFusedLoader", {})
+        entry = self.convert(nid, loader_rule, value_overrides={"ipadapter_file": file})
+        entry.target = "IPAdapterFusedLoader + CLIPVisionLoader"
+        encoder = _PRESET_ENCODERS.get(word, _DEFAULT_ENCODER)
+        cv_id = self._add_node("CLIPVisionLoader", node, 120, [encoder])
+        entry.notes.append(f"this pack has no unified loader yet: preset {preset!r} became the file {file!r} "
+                           f"(SD1.5 name) and a CLIPVisionLoader #{cv_id} with {encoder!r}; choose the files you have")
+        self.unified[nid] = (cv_id, 0)
+
+    def _bypass_model(self, nid):
+        """What the loader's MODEL output fed takes the model the loader was given (a loader of this pack
+        does not pass the model through)."""
+        g = self.g
+        model_src = g.source(g.input_link(g.nodes[nid], "model"))
+        for lid in [lid for lid, link in g.links.items() if link[1] == nid and link[2] == 0]:
             link = g.links[lid]
             if model_src is None:
                 g.drop_link(lid)
@@ -633,25 +735,196 @@ class _Migration:
             link[1], link[2] = model_src
             outs = g.nodes[model_src[0]].get("outputs") or []
             if model_src[1] < len(outs):
-                outs[model_src[1]].setdefault("links", [])
-                if outs[model_src[1]]["links"] is None:
+                if outs[model_src[1]].get("links") is None:
                     outs[model_src[1]]["links"] = []
                 outs[model_src[1]]["links"].append(lid)
-        file = _PRESET_FILES.get(word, _PRESET_FILES["standard"])
-        loader_rule = Rule("IPAdapterFusedLoader", {})
-        entry = self.convert(nid, loader_rule, value_overrides={"ipadapter_file": file})
-        entry.target = "IPAdapterFusedLoader + CLIPVisionLoader"
-        cv_id = g.new_node_id()
-        pos = list(node.get("pos") or [0, 0])
-        encoder = _PRESET_ENCODERS.get(word, _DEFAULT_ENCODER)
-        g.nodes[cv_id] = {"id": cv_id, "type": "CLIPVisionLoader", "pos": [pos[0], pos[1] + 120],
-                          "size": [315, 58], "flags": {}, "order": node.get("order", 0), "mode": node.get("mode", 0),
-                          "inputs": [], "outputs": [{"name": "CLIP_VISION", "type": "CLIP_VISION", "links": [],
-                                                     "slot_index": 0}],
-                          "properties": {"Node name for S&R": "CLIPVisionLoader"}, "widgets_values": [encoder]}
-        entry.notes.append(f"this pack has no unified loader yet: preset {preset!r} became the file {file!r} "
-                           f"(SD1.5 name) and a CLIPVisionLoader #{cv_id} with {encoder!r}; choose the files you have")
+
+    def _add_node(self, ntype, near, dy, widgets_values):
+        """A new loader node (no inputs, one output) below `near`; returns its id."""
+        decl = self.targets[ntype]
+        out_type = decl["output"][0]
+        out_name = (decl.get("output_name") or decl["output"])[0]
+        nid = self.g.new_node_id()
+        pos = list(near.get("pos") or [0, 0])
+        self.g.nodes[nid] = {"id": nid, "type": ntype, "pos": [pos[0], pos[1] + dy],
+                             "size": [315, 58 + 26 * max(0, len(widgets_values) - 1)], "flags": {},
+                             "order": near.get("order", 0), "mode": near.get("mode", 0), "inputs": [],
+                             "outputs": [{"name": out_name, "type": out_type, "links": [], "slot_index": 0}],
+                             "properties": {"Node name for S&R": ntype}, "widgets_values": list(widgets_values)}
+        return nid
+
+    # FaceID ---------------------------------------------------------------------------------------------
+    def _choices_of(self, ntype, name):
+        return _choices(dict(_all_inputs(self.targets[ntype])).get(name, [[]])) or []
+
+    def _provider(self, theirs):
+        """(this pack's provider choice, note or None) for that pack's provider name."""
+        want = _PROVIDERS.get(theirs, theirs)
+        choices = self._choices_of(INSIGHTFACE_TARGET, "provider")
+        match = next((c for c in choices if str(c).lower() == str(want).lower()), None)
+        if match is not None:
+            return match, None
+        return "auto", (f"provider {theirs!r} is not offered by the onnxruntime installed here; 'auto' takes the GPU "
+                        "provider when there is one, else the CPU")
+
+    def _faceid_file(self, preset):
+        """(ipadapter_file, note) for a FaceID unified preset: the matching file among this host's, else the
+        published name."""
+        key = preset.lower()
+        sd15, sdxl = next((files for start, files in _FACEID_PRESET_FILES if key.startswith(start)),
+                          _FACEID_PRESET_FILES[-1][1])
+        choices = self._choices_of("IPAdapterFusedLoader", "ipadapter_file")
+
+        def found(published):
+            if published is None:
+                return None
+            for ending in _FACEID_FILE_ENDINGS[published]:
+                hits = [c for c in choices if re.sub(r"[^a-z0-9]", "", str(c).lower().rsplit(".", 1)[0]).endswith(ending)]
+                if hits:
+                    return hits[0]
+            return None
+
+        have15, havexl = found(sd15), found(sdxl)
+        if have15 and havexl:
+            return have15, f"the SD1.5 file; on SDXL choose {havexl!r}"
+        if have15 or havexl:
+            return have15 or havexl, None
+        published = sd15 or sdxl
+        where = "not found in models/ipadapter here; " if choices else ""
+        other = f"; on SDXL choose {sdxl!r}" if sd15 and sdxl else ""
+        return published, f"{where}the name h94/IP-Adapter-FaceID publishes{other}"
+
+    def convert_unified_faceid(self, nid, rule):
+        """That pack's FaceID unified loader put the LoRA on the model and carried the CLIP vision and
+        InsightFace models inside IPADAPTER: here the adapter loader, a CLIP vision loader and the InsightFace
+        loader, the model passing on as it came, and the LoRA strength on the apply nodes (which apply the
+        LoRA held in the FaceID file)."""
+        g = self.g
+        node = g.nodes[nid]
+        values = self.values[nid]
+        preset = str(values.get("preset", ""))
+        file, file_note = self._faceid_file(preset)
+        self._bypass_model(nid)
+        chained = g.input_link(node, "ipadapter")
+        g.drop_link(g.input_link(node, "model"))
+        entry = self.convert(nid, rule, value_overrides={"ipadapter_file": file})
+        entry.target = f"IPAdapterFusedLoader + CLIPVisionLoader + {INSIGHTFACE_TARGET}"
+        cv_id = self._add_node("CLIPVisionLoader", node, 120, [_DEFAULT_ENCODER])
+        provider, provider_note = self._provider(values.get("provider", "CPU"))
+        if_values = {"model_pack": "buffalo_l", "provider": provider}
+        if_id = self._add_node(INSIGHTFACE_TARGET, node, 240, [if_values.get(n, _default(s)) for n, s
+                                                               in widget_inputs(self.targets[INSIGHTFACE_TARGET])])
         self.unified[nid] = (cv_id, 0)
+        strength = values.get("lora_strength", 0.6)
+        self.face_unified[nid] = {"insightface": (if_id, 0), "lora_strength": strength}
+        entry.notes.append(f"preset {preset!r} became the file {file!r}" + (f" ({file_note})" if file_note else "")
+                           + f", a CLIPVisionLoader #{cv_id} with {_DEFAULT_ENCODER!r} and an InsightFace Loader "
+                           f"(Fused) #{if_id} with buffalo_l; the model goes straight on to the nodes it fed")
+        if "portrait" in preset.lower():
+            entry.notes.append("Portrait files hold no LoRA; lora_strength is not used")
+        else:
+            entry.notes.append(f"lora_strength {strength} became faceid_lora_strength of the apply nodes it feeds: "
+                               "this pack applies the LoRA held inside the FaceID file (no LoRA file needed)")
+        if provider_note:
+            entry.notes.append(provider_note)
+        if chained is not None:
+            entry.notes.append("its ipadapter input (a pipeline from another unified loader) has no counterpart "
+                               "here; its link is removed")
+
+    def convert_insightface(self, nid, rule):
+        values = self.values[nid]
+        provider, note = self._provider(values.get("provider", "CPU"))
+        entry = self.convert(nid, rule, value_overrides={"provider": provider})
+        packs = self._choices_of(INSIGHTFACE_TARGET, "model_pack")
+        name = values.get("model_name")
+        if packs and name not in packs:
+            entry.notes.append(f"the model pack {name!r} is not in models/insightface/models here; that pack let "
+                               "insightface download it, this pack never downloads: unzip it into "
+                               f"models/insightface/models/{name}/")
+        if note:
+            entry.notes.append(note)
+        entry.notes.append("that pack took the face insightface lists first (highest detection score); this pack "
+                           "takes the largest face (face 'by index' picks another)")
+
+    def _face_values(self, nid):
+        """(widget values, notes, InsightFace output to connect) for an apply node doing FaceID: the
+        FaceID unified loader's settings, face_structure pinned where that pack read the file name
+        differently, the strength of a FaceID LoRA loader on the model path."""
+        g = self.g
+        node = g.nodes[nid]
+        t = node["type"]
+        values, notes, face_src = {}, [], None
+        src = g.source(g.input_link(node, "ipadapter"))
+        unified = self.face_unified.get(src[0]) if src else None
+        if unified is not None:
+            face_src = unified["insightface"] if g.input_link(node, "insightface") is None else None
+            values["faceid_lora_strength"] = unified["lora_strength"]
+            if "weight_faceidv2" not in self.values[nid]:  # that pack's default: twice the weight
+                w = 2 * float(self.values[nid].get("weight", 1.0))
+                values["face_structure_weight"] = min(max(w, -1.0), 5.0)
+                notes.append(f"face_structure_weight = {values['face_structure_weight']} (that pack used 2 x weight "
+                             "for the FaceID Plus V2 shortcut of nodes without weight_faceidv2"
+                             + (f", {w} here, above this pack's range" if w != values["face_structure_weight"] else "")
+                             + ")")
+        elif t not in FACE_APPLY_TYPES and g.input_link(node, "insightface") is None:
+            return values, notes, None  # not a FaceID use
+        elif g.input_link(node, "insightface") is None:
+            notes.append("insightface is not connected (that pack needed it for FaceID files too): connect an "
+                         "InsightFace Loader (Fused)")
+        # face_structure: that pack reads V2 only from 'plusv2' in the file name
+        loader = g.nodes.get(src[0]) if src else None
+        if loader is not None and loader.get("type") == "IPAdapterModelLoader" and t != "IPAdapterFaceIDKolors":
+            name = str(self.values.get(loader["id"], {}).get("ipadapter_file", "")).lower()
+            theirs = "V2 (shortcut on)" if "plusv2" in name else "V1 (shortcut off)"
+            ours = "V2 (shortcut on)" if "v2" in name else "V1 (shortcut off)" if "plus" in name else None
+            not_plus = ours is None and ("portrait" in name or "faceid" in name)  # FaceID / Portrait: no shortcut
+            if ours != theirs and not not_plus:
+                values["face_structure"] = theirs
+                notes.append(f"face_structure = {theirs!r}: that pack reads V2 only from 'plusv2' in the file name, "
+                             f"and this pack's 'auto' could read {name!r} differently (FaceID Plus files only)")
+        # a FaceID LoRA already loaded on the model path
+        lora = self._faceid_lora_loader(node)
+        if lora is not None:
+            lnode, lname, strength = lora
+            notes.append(f"#{lnode['id']} {lnode.get('type')} loads {lname!r} on this model: this pack applies the LoRA "
+                         "held inside the FaceID file itself, and skips its own when it finds the same LoRA already "
+                         "loaded, so that loader can be removed"
+                         + (f" (faceid_lora_strength is set to its strength_model {strength})"
+                            if strength is not None and unified is None else ""))
+            if strength is not None and unified is None:
+                values["faceid_lora_strength"] = strength
+        elif unified is None and t != "IPAdapterFaceIDKolors":
+            notes.append("no FaceID LoRA was loaded on this model in that pack's graph; this pack applies the LoRA "
+                         "held inside FaceID and FaceID Plus files at faceid_lora_strength 1.0 (as trained); set it "
+                         "to 0 for that graph's exact pictures")
+        return values, notes, face_src
+
+    def _faceid_lora_loader(self, node):
+        """(LoRA loader node, lora name, strength_model or None) of a FaceID LoRA upstream on the model path."""
+        g = self.g
+        seen = set()
+        src = g.source(g.input_link(node, "model"))
+        while src is not None and src[0] not in seen and len(seen) < 64:
+            seen.add(src[0])
+            up = g.nodes.get(src[0]) or {}
+            wv = up.get("widgets_values")
+            if "lora" in str(up.get("type", "")).lower() and isinstance(wv, list):
+                name = next((v for v in wv if isinstance(v, str) and _FACEID_LORA.search(v)), None)
+                if name is not None:
+                    strength = None
+                    if up.get("type") in _LORA_LOADERS and len(wv) > 1 and isinstance(wv[1], (int, float)):
+                        strength = wv[1] if 0.0 <= wv[1] <= 2.0 else None
+                    return up, name, strength
+            src = g.source(g.input_link(up, "model"))
+        return None
+
+    def _connect(self, nid, input_name, origin, ltype):
+        g = self.g
+        node = g.nodes[nid]
+        slot = next(i for i, x in enumerate(node["inputs"]) if x["name"] == input_name)
+        lid = g.new_link(origin[0], origin[1], nid, slot, ltype)
+        node["inputs"][slot]["link"] = lid
+        g.nodes[origin[0]]["outputs"][origin[1]]["links"].append(lid)
 
     # apply nodes without a CLIP vision link take the unified loader's ------------------------------------
     def connect_clip_vision(self, nid, entry):
@@ -661,11 +934,7 @@ class _Migration:
             return
         src = g.source(g.input_link(node, "ipadapter"))
         if src is not None and src[0] in self.unified:
-            cv_node, cv_slot = self.unified[src[0]]
-            slot = next(i for i, x in enumerate(node["inputs"]) if x["name"] == "clip_vision")
-            lid = g.new_link(cv_node, cv_slot, nid, slot, "CLIP_VISION")
-            node["inputs"][slot]["link"] = lid
-            g.nodes[cv_node]["outputs"][cv_slot]["links"].append(lid)
+            self._connect(nid, "clip_vision", self.unified[src[0]], "CLIP_VISION")
         else:
             entry.notes.append("no CLIP vision model is connected (that pack needed one here too): connect a "
                                "CLIPVisionLoader to clip_vision")
@@ -675,11 +944,22 @@ class _Migration:
         for nid, rule in list(self.plan.items()):
             if self.g.nodes[nid]["type"] == "IPAdapterUnifiedLoader":
                 self.convert_unified(nid, rule)
+            elif self.g.nodes[nid]["type"] == "IPAdapterUnifiedLoaderFaceID":
+                self.convert_unified_faceid(nid, rule)
         for nid, rule in list(self.plan.items()):
-            if self.g.nodes[nid]["type"] in PLUS_NODES and self.g.nodes[nid]["type"] != "IPAdapterUnifiedLoader":
-                entry = self.convert(nid, rule)
+            t = self.g.nodes[nid]["type"]
+            if t == "IPAdapterInsightFaceLoader":
+                self.convert_insightface(nid, rule)
+            elif t in PLUS_NODES and t not in ("IPAdapterUnifiedLoader", "IPAdapterUnifiedLoaderFaceID"):
+                face_values, notes, face_src = ({}, [], None)
+                if rule.target == "IPAdapterFusedApply":
+                    face_values, notes, face_src = self._face_values(nid)
+                entry = self.convert(nid, rule, value_overrides=face_values)
+                entry.notes += notes
                 if rule.target == "IPAdapterFusedApply":
                     self.connect_clip_vision(nid, entry)
+                    if face_src is not None:
+                        self._connect(nid, "insightface", face_src, "IPAF_INSIGHTFACE")
         self.g.write_back()
         return self.report
 
