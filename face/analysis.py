@@ -6,9 +6,11 @@ name is used as is, so nothing is ever downloaded), `det_model.detect(bgr, input
 `models["recognition"].get(bgr, face)` and `utils.face_align.norm_crop`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,6 +93,15 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     return np.clip(x, 0, 255, out=x).astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _quiet_alignment():
+    # scikit-image >= 0.26 warns on every SimilarityTransform.estimate() that norm_crop calls; the call still
+    # works, and the warning would be printed for every face of every run.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\..*")
+        yield
+
+
 class _Loaded:
     """The insightface models of one pack on one provider (shared by every FaceAnalysisModel on it)."""
 
@@ -139,7 +150,7 @@ class FaceAnalysisModel:
         """The recognition model's raw embedding of one face (insightface aligns it to 112x112 itself)."""
         from insightface.app.common import Face
         face = Face(bbox=bbox, kps=kps, det_score=det_score)
-        with self._loaded.lock:
+        with self._loaded.lock, _quiet_alignment():
             self._loaded.app.models["recognition"].get(bgr, face)
         return np.asarray(face.embedding, dtype=np.float32).reshape(-1)
 
@@ -196,8 +207,9 @@ class FaceAnalysisModel:
             raise ValueError("no faces to crop")
         from insightface.utils import face_align
         rgb = images_to_uint8(images)
-        crops = [face_align.norm_crop(rgb[f.image_index], landmark=np.asarray(f.kps, np.float32), image_size=size)
-                 for f in faces]
+        with _quiet_alignment():
+            crops = [face_align.norm_crop(rgb[f.image_index], landmark=np.asarray(f.kps, np.float32), image_size=size)
+                     for f in faces]
         return torch.from_numpy(np.stack(crops)).float().div(255.0)
 
 
