@@ -39,7 +39,9 @@ def host():
     path = server_harness.host_path()
     if path is None:
         _skip("no ComfyUI host (set COMFYUI_PATH or put it at ../shared/host/ComfyUI)")
-    server = ComfyServer(path, cpu=True, models={}, say=lambda m: None)
+    # ComfyUI-Kolors-MZ's node declarations, so workflows/kolors_faceid.json draws as it does with that pack
+    server = ComfyServer(path, cpu=True, models={}, say=lambda m: None,
+                         extra_custom_nodes=[HERE / "kolors_mz_declarations"])
     server.start()
     yield server
     server.stop()
