@@ -86,10 +86,16 @@ def faceid_lora_plan(spec, unet, strength: float, adapter):
     """The FaceID LoRA held in the checkpoint, as a step to run on the patched clone (None when the
     family has none, or the user turned it off: then one warning, since those adapters were trained
     with it). Fit is checked here, before any clone exists."""
+    from .faceid_lora import KINDS_WITH_LORA, missing_lora_warning
+
     lora_spec = getattr(spec, "lora", None)
     if lora_spec is None:
+        face = getattr(spec, "face", None)
+        if face is not None and face.kind in KINDS_WITH_LORA:  # a file whose LoRA was stripped
+            log.warning(f"IPAdapter Fused: this {KINDS_WITH_LORA[face.kind]} file holds no LoRA, but the adapter was "
+                        "trained with one; load the published ip-adapter-faceid*_lora file with a LoRA loader "
+                        "(the likeness is weaker without it)")
         return None
-    from .faceid_lora import missing_lora_warning
 
     if strength == 0.0:
         text = missing_lora_warning(spec.face.kind if spec.face else "faceid", False)

@@ -313,3 +313,17 @@ def test_face_families_reproduce_ipadapter_plus(host, ipadapter_plus, kind, fami
     assert (a - plain).abs().max() > 1e-3 * a.abs().max()
     util.assert_layers_match(util.compare_layers(ours, theirs, kind, util.attn2_sites(model)))
     util.assert_latents_match(a, b)
+
+
+def test_faceid_file_without_its_lora_warns(host, tiny_sd15, tiny_clip_vision, face_pack, tmp_path, caplog):
+    from ipadapter_fused.nodes.apply import apply_adapter
+
+    torch = host.torch
+    model = tiny_sd15()
+    adapter, _ = _adapter(host, model, "faceid", tmp_path, lora=False)  # as when the LoRA was stripped
+    assert adapter.spec.lora is None and adapter.spec.face.kind == "faceid"
+    _, image = _face_image(torch)
+    with caplog.at_level("WARNING"):
+        patched = apply_adapter(model, adapter, tiny_clip_vision(**CLIP), image, insightface=_analysis(face_pack))
+    assert not patched.patches
+    assert any("holds no LoRA" in r.getMessage() for r in caplog.records)
