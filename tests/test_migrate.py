@@ -134,6 +134,9 @@ HOST = {
     "CLIPVisionLoader": mig.TARGET_NODES["CLIPVisionLoader"],
     "KSampler": mig._decl([("model", ["MODEL"]), ("seed", ["INT", {"default": 0}])], None, ["LATENT"]),
     "Reroute": {"input": {"required": {"": ["*"]}}, "output": ["*"], "output_name": [""]},
+    "LoraLoaderModelOnly": mig._decl([("model", ["MODEL"]), ("lora_name", [["l.safetensors"]]),
+                                      ("strength_model", mig._f(1.0, -100, 100, 0.01))], None, ["MODEL"]),
+    "PreviewImage": mig._decl([("images", ["IMAGE"])], None, []),
 }
 
 
@@ -158,18 +161,19 @@ def _nondefault(decl):
     return out
 
 
-def _build_apply(plus, apply_type, values, loader="IPAdapterModelLoader", clip_vision=True):
+def _build_apply(plus, apply_type, values, loader="IPAdapterModelLoader", clip_vision=True, loader_values=None):
     decls = {k: _decl(v) for k, v in plus.items()}
     decls.update(HOST)
     w = Workflow(decls)
     ckpt = w.add("CheckpointLoaderSimple")
     image = w.add("LoadImage")
-    if loader == "IPAdapterUnifiedLoader":
-        ld = w.add(loader, {"preset": "PLUS (high strength)"})
+    if "UnifiedLoader" in loader:  # MODEL through the loader, IPADAPTER on its second output
+        ld = w.add(loader, loader_values or ({"preset": "PLUS (high strength)"} if loader == "IPAdapterUnifiedLoader"
+                                             else {}))
         w.link(ckpt, 0, ld, "model")
         model_src, ipa_slot = ld, 1
     else:
-        ld = w.add(loader, {"ipadapter_file": "b.ipadapter.bin"})
+        ld = w.add(loader, loader_values or {"ipadapter_file": "b.ipadapter.bin"})
         model_src, ipa_slot = ckpt, 0
     ap = w.add(apply_type, values)
     w.link(model_src, 0, ap, "model")
@@ -234,6 +238,7 @@ def test_plus_declarations_match_that_pack(plus):
                 assert mig._default(s) == mig._default(r), (ntype, n)
                 if mig._choices(s) is not None:
                     assert mig._choices(s) == mig._choices(r), (ntype, n)
+        assert decl["output_name"] == list(getattr(plus[ntype], "RETURN_NAMES", None) or real["output"]), ntype
 
 
 def test_every_node_of_that_pack_is_decided(plus):
@@ -259,6 +264,11 @@ def test_target_declarations_match_this_pack(monkeypatch):
         for (n, s), (_, r) in zip(widget_inputs(decl), widget_inputs(real[ntype])):
             if n != "ipadapter_file":
                 assert mig._default(s) == mig._default(r), (ntype, n)
+            if n == "provider":  # the static list: what every onnxruntime offers, first in the real one
+                assert mig._choices(r)[:len(mig._choices(s))] == mig._choices(s)
+            elif mig._choices(s) is not None and not n.endswith("_file") and n not in ("model_pack", "clip_name"):
+                assert mig._choices(s) == mig._choices(r), (ntype, n)
+        assert decl["output_name"] == real[ntype]["output_name"], ntype
         if ntype == mig.UNIFIED_TARGET:
             assert mig._choices(dict(mig._all_inputs(decl))["preset"]) == \
                    mig._choices(dict(mig._all_inputs(real[ntype]))["preset"])
@@ -283,8 +293,9 @@ def test_advanced_apply_converts_by_name(plus, apply_type):
     assert got["middle_block"] == COMPAT
     if apply_type == "IPAdapterMS":
         assert got["layer_weights"] == values["layer_weights"]
-        notes = " ".join(e for x in report.converted if x.node_id == ap["id"] for e in x.notes)
-        assert "weight_faceidv2" in notes
+        # the V2 shortcut's weight; no FaceID use here (no insightface), so no FaceID notes
+        assert got["face_structure_weight"] == values["weight_faceidv2"]
+        assert not [x.notes for x in report.converted if x.node_id == ap["id"] and x.notes]
     # links: same sources, by input name
     links = _links(out)
     src = {i["name"]: links[i["link"]][1:3] for i in ap["inputs"] if i["link"] is not None}
@@ -389,12 +400,12 @@ def test_unified_loader_presets(plus):
 
 
 def test_apply_from_a_node_that_stays_stays(plus):
-    """An apply node fed by a FaceID unified loader keeps that pack's IPADAPTER type: it stays."""
-    w, ids = _build_apply(plus, "IPAdapterAdvanced", {}, loader="IPAdapterUnifiedLoaderFaceID")
+    """An apply node fed by the community unified loader keeps that pack's IPADAPTER type: it stays."""
+    w, ids = _build_apply(plus, "IPAdapterAdvanced", {}, loader="IPAdapterUnifiedLoaderCommunity")
     out, report = mig.migrate(w.wf)
     assert out == w.wf
     reasons = {e.node_type: e.reason for e in report.left}
-    assert "FaceID" in reasons["IPAdapterUnifiedLoaderFaceID"]
+    assert reasons["IPAdapterUnifiedLoaderCommunity"] == mig.NO_EQUIVALENT["IPAdapterUnifiedLoaderCommunity"]
     assert "not converted" in reasons["IPAdapterAdvanced"]
 
 
@@ -424,7 +435,6 @@ def test_nodes_without_equivalent_stay_and_are_named(plus):
         if ntype in mig.NO_EQUIVALENT:
             made[ntype] = w.add(ntype, _nondefault(decls[ntype]))
     w.link(image, 0, made["PrepImageForClipVision"], "image")
-    w.link(made["IPAdapterInsightFaceLoader"], 0, made["IPAdapterFaceID"], "insightface")
     w.link(made["IPAdapterEncoder"], 0, made["IPAdapterCombineEmbeds"], "embed1")
     w.link(made["IPAdapterRegionalConditioning"], 0, made["IPAdapterCombineParams"], "params_1")
     w.link(made["IPAdapterCombineParams"], 0, made["IPAdapterFromParams"], "ipadapter_params")
@@ -435,7 +445,7 @@ def test_nodes_without_equivalent_stay_and_are_named(plus):
     text = report.text()
     for ntype, node in made.items():
         assert f"#{node['id']} {ntype}: {mig.NO_EQUIVALENT[ntype]}" in text
-    assert len(made) >= 12
+    assert len(made) >= 10
 
 
 def test_other_version_of_that_pack_is_left(plus):
@@ -498,13 +508,25 @@ def test_that_packs_own_example_workflows(path):
     theirs = {n["id"] for n in wf["nodes"] if n["type"] in mig.PLUS_NODES or n["type"] in mig.NO_EQUIVALENT}
     assert {e.node_id for e in report.entries} == theirs
     _check_links(out)
+    before = {n["id"]: n for n in wf["nodes"]}
     for e in report.converted:
         node = _node(out, e.node_id)
-        assert node["type"] == e.target
+        assert node["type"] == e.target.split(" + ")[0]  # a unified loader may become several loaders
         if node["type"] == "IPAdapterFusedApply":
             got = _fused_values(node)
             assert got["middle_block"] == COMPAT
             assert next(i for i in node["inputs"] if i["name"] == "clip_vision")["link"] is not None
+        if e.node_type == "IPAdapterFaceID":  # FaceID: the InsightFace loader that was carried in IPADAPTER
+            old = map_widget_values(mig.PLUS_NODES["IPAdapterFaceID"], before[e.node_id]["widgets_values"])
+            assert got["face_structure_weight"] == old["weight_faceidv2"]
+            face = _links(out)[next(i for i in node["inputs"] if i["name"] == "insightface")["link"]]
+            assert _node(out, face[1])["type"] == "IPAdapterFusedInsightFaceLoader" and face[5] == "IPAF_INSIGHTFACE"
+            unified = next(n for n in wf["nodes"] if n["type"] == "IPAdapterUnifiedLoaderFaceID")
+            assert got["faceid_lora_strength"] == unified["widgets_values"][1]
+    if path.name == "IPAdapter_FaceIDv2_Kolors.json":  # weight_kolors 0.85: no counterpart, all FaceID stays
+        reasons = {e.node_type: e.reason for e in report.left}
+        assert "weight_kolors" in reasons["IPAdapterFaceIDKolors"]
+        assert "stays" in reasons["IPAdapterInsightFaceLoader"] and "stays" in reasons["IPAdapterModelLoader"]
     if path.name == "ipadapter_weight_types.json":
         types_ = sorted(_fused_values(_node(out, e.node_id))["weight_type"] for e in report.converted
                         if e.target == "IPAdapterFusedApply")
