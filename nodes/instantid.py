@@ -96,8 +96,9 @@ def instantid_conditioning(positive, negative, control_net, kps_image: torch.Ten
         return positive, negative
     import comfy.model_management as mm
 
+    extra = {} if vae is None else {"vae": vae}  # hosts before the vae input take none
     positive, negative = _host_controlnet_apply().apply_controlnet(
-        positive, negative, control_net, kps_image, strength, start_at, end_at, vae=vae)
+        positive, negative, control_net, kps_image, strength, start_at, end_at, **extra)
     device = mm.intermediate_device()
 
     def with_context(conditioning, tokens):

@@ -29,8 +29,11 @@ def controlnet(host):
     from ipaf_runner.tiny_controlnet import sdxl_controlnet_state
 
     sd = sdxl_controlnet_state(model_channels=util.DEFAULT_CHANNELS["sdxl"], channel_mult=(1, 2, 4))
+    keys = set(sd)
     cn = comfy.controlnet.load_controlnet_state_dict(sd)
     assert isinstance(cn, comfy.controlnet.ControlNet)
+    # the host loads non-strictly: the layout is right only if its ControlNet has exactly these weights
+    assert set(cn.control_model.state_dict()) == keys
     return cn
 
 
