@@ -546,3 +546,275 @@ def test_nodes_inside_subgraphs_and_group_nodes_are_named():
         assert "not converted" in report.text()
     with pytest.raises(ValueError, match="not a front-end workflow"):
         mig.migrate({"1": {"class_type": "IPAdapterAdvanced", "inputs": {}}})
+
+
+# -- FaceID ---------------------------------------------------------------------------------------------------
+
+PLUSV2 = "ip-adapter-faceid-plusv2_sd15.bin"
+FACEID_LORA = "ip-adapter-faceid-plusv2_sd15_lora.safetensors"
+
+
+def _faceid_graph(plus, apply_type="IPAdapterFaceID", values=None, file=PLUSV2, face=("CUDA", "buffalo_l"),
+                  clip_vision=True, lora=None, unified=None):
+    """checkpoint [-> LoraLoaderModelOnly] [-> IPAdapterUnifiedLoaderFaceID] -> apply -> KSampler, with the
+    adapter from IPAdapterModelLoader (or the unified loader), an IPAdapterInsightFaceLoader, a CLIP vision
+    loader and the face_image output previewed, as that pack's FaceID examples wire them."""
+    decls = {k: _decl(v) for k, v in plus.items()}
+    decls.update(HOST)
+    w = Workflow(decls)
+    ids = {"ckpt": w.add("CheckpointLoaderSimple"), "image": w.add("LoadImage")}
+    model = (ids["ckpt"], 0)
+    if lora:
+        ids["lora"] = w.add("LoraLoaderModelOnly", {"lora_name": lora[0], "strength_model": lora[1]})
+        w.link(*model, ids["lora"], "model")
+        model = (ids["lora"], 0)
+    if unified:
+        ids["loader"] = w.add("IPAdapterUnifiedLoaderFaceID", unified)
+        w.link(*model, ids["loader"], "model")
+        model, adapter = (ids["loader"], 0), (ids["loader"], 1)
+    else:
+        ids["loader"] = w.add("IPAdapterModelLoader", {"ipadapter_file": file})
+        adapter = (ids["loader"], 0)
+    ap = ids["apply"] = w.add(apply_type, values)
+    w.link(*model, ap, "model")
+    w.link(*adapter, ap, "ipadapter")
+    w.link(ids["image"], 0, ap, "image")
+    if face:
+        ids["face"] = w.add("IPAdapterInsightFaceLoader", {"provider": face[0], "model_name": face[1]})
+        w.link(ids["face"], 0, ap, "insightface")
+    if clip_vision:
+        ids["cv"] = w.add("CLIPVisionLoader", {"clip_name": "vit-h.safetensors"})
+        w.link(ids["cv"], 0, ap, "clip_vision")
+    ids["ks"] = w.add("KSampler", {"seed": 5})
+    w.link(ap, 0, ids["ks"], "model")
+    if len(ap["outputs"]) > 1:
+        ids["preview"] = w.add("PreviewImage")
+        w.link(ap, 1, ids["preview"], "images")
+    return w, ids
+
+
+def _sources(wf, node):
+    links = _links(wf)
+    return {i["name"]: (links[i["link"]][1], links[i["link"]][2], links[i["link"]][5])
+            for i in node["inputs"] if i.get("link") is not None}
+
+
+def _notes(report, nid):
+    return " ".join(n for e in report.converted if e.node_id == nid for n in e.notes)
+
+
+@pytest.mark.parametrize("apply_type", ["IPAdapterFaceID", "IPAdapterFaceIDKolors", "IPAdapterMS"])
+def test_faceid_apply_converts(plus, apply_type):
+    """FaceID nodes (and IPAdapterMS with insightface) become the apply node in compatibility mode with the
+    InsightFace loader linked: weight_faceidv2 -> face_structure_weight, face_image -> face_crops."""
+    kolors = apply_type == "IPAdapterFaceIDKolors"
+    values = _nondefault(_decl(plus[apply_type]))
+    if kolors:
+        values["weight_kolors"] = 1.0  # the only value with a counterpart here
+    face = ("CPU", "antelopev2") if kolors else ("CUDA", "buffalo_l")
+    w, ids = _faceid_graph(plus, apply_type, values, file="Kolors-IP-Adapter-FaceID-Plus.bin" if kolors else PLUSV2,
+                           face=face)
+    before = copy.deepcopy(w.wf)
+    out, report = mig.migrate(w.wf)
+    assert w.wf == before
+    ap, fl = _node(out, ids["apply"]["id"]), _node(out, ids["face"]["id"])
+    assert (ap["type"], fl["type"]) == ("IPAdapterFusedApply", "IPAdapterFusedInsightFaceLoader")
+    got = _fused_values(ap)
+    for name in ("weight", "weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"):
+        assert got[name] == values[name], name
+    assert got["face_structure_weight"] == values["weight_faceidv2"]
+    assert (got["middle_block"], got["face_structure"], got["face_embedding"]) == (COMPAT, "auto", "auto")
+    assert got["faceid_lora_strength"] == 1.0
+    assert _fused_values(fl) == {"model_pack": face[1], "provider": face[0], "det_size": 640, "face": "largest",
+                                 "face_index": 0, "if_no_face": "error"}
+    src = _sources(out, ap)
+    assert src["insightface"] == (fl["id"], 0, "IPAF_INSIGHTFACE")
+    assert src["clip_vision"] == (ids["cv"]["id"], 0, "CLIP_VISION")
+    assert src["ipadapter"] == (ids["loader"]["id"], 0, "IPADAPTER_FUSED")
+    assert src["model"] == (ids["ckpt"]["id"], 0, "MODEL")
+    if "preview" in ids:  # face_image -> face_crops
+        assert _sources(out, _node(out, ids["preview"]["id"]))["images"] == (ap["id"], 1, "IMAGE")
+        assert ap["outputs"][1]["name"] == "face_crops"
+    _check_links(out)
+    assert {e.node_type for e in report.converted} == {apply_type, "IPAdapterModelLoader",
+                                                      "IPAdapterInsightFaceLoader"} and not report.left
+    notes = _notes(report, ap["id"])
+    # that graph loaded no FaceID LoRA; this pack applies the file's own (Kolors files hold none)
+    assert ("no FaceID LoRA was loaded" in notes) != kolors
+    assert "highest detection score" in _notes(report, fl["id"])
+
+
+def test_faceid_refusals(plus):
+    # weight_kolors other than 1: no counterpart; the loaders feeding that node stay with it
+    w, ids = _faceid_graph(plus, "IPAdapterFaceIDKolors", {"weight_kolors": 0.85}, face=("CPU", "antelopev2"))
+    out, report = mig.migrate(w.wf)
+    assert out == w.wf
+    reasons = {e.node_type: e.reason for e in report.left}
+    assert "weight_kolors = 0.85" in reasons["IPAdapterFaceIDKolors"] and "no counterpart" in reasons[
+        "IPAdapterFaceIDKolors"]
+    assert f"feeds #{ids['apply']['id']} IPAdapterFaceIDKolors, which stays" in reasons["IPAdapterInsightFaceLoader"]
+    assert "which stays" in reasons["IPAdapterModelLoader"] and not report.converted
+    # no CLIP vision model: optional there, required here
+    for apply_type in ("IPAdapterFaceID", "IPAdapterMS"):
+        w, ids = _faceid_graph(plus, apply_type, {}, clip_vision=False)
+        out, report = mig.migrate(w.wf)
+        assert out == w.wf
+        why = next(e.reason for e in report.left if e.node_type == apply_type)
+        assert "clip_vision is not connected" in why and "CLIPVisionLoader" in why
+    # unfold batch
+    w, ids = _faceid_graph(plus, "IPAAdapterFaceIDBatch", {})
+    out, report = mig.migrate(w.wf)
+    assert out == w.wf
+    assert next(e.reason for e in report.left if e.node_type == "IPAAdapterFaceIDBatch") == \
+        mig.NO_EQUIVALENT["IPAAdapterFaceIDBatch"]
+    assert "unfold batch" in mig.NO_EQUIVALENT["IPAAdapterFaceIDBatch"]
+    # an InsightFace loader also feeding another pack's node stays, and so does what it feeds here
+    w, ids = _faceid_graph(plus)
+    other = w.add("SomeFaceNode", decl=mig._decl([("insightface", ["INSIGHTFACE"])], None, ["IMAGE"]))
+    w.link(ids["face"], 0, other, "insightface")
+    out, report = mig.migrate(w.wf)
+    assert out == w.wf
+    reasons = {e.node_type: e.reason for e in report.left}
+    assert "SomeFaceNode, which stays" in reasons["IPAdapterInsightFaceLoader"]
+    assert "its insightface input comes from" in reasons["IPAdapterFaceID"]
+
+
+def test_faceid_without_insightface_is_named(plus):
+    w, ids = _faceid_graph(plus, face=None)
+    out, report = mig.migrate(w.wf)
+    ap = _node(out, ids["apply"]["id"])
+    assert ap["type"] == "IPAdapterFusedApply" and "insightface" not in _sources(out, ap)
+    assert "insightface is not connected" in _notes(report, ap["id"])
+
+
+@pytest.mark.parametrize("name", [PLUSV2, "ip-adapter-faceid-plus_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin",
+                                  "faceid_plus_v2.safetensors", "my-face-adapter.bin", "FaceID-PlusV2-renamed.bin"])
+def test_face_structure_as_that_pack_reads_the_file_name(plus, name):
+    """That pack turns the V2 shortcut on only for 'plusv2' in the file name (utils.py); after conversion
+    this pack's choice resolves to the same for a FaceID Plus file, whatever the file's own default."""
+    from ipadapter_fused.nodes.encoders import FaceOptions, shortcut_scale
+
+    w, ids = _faceid_graph(plus, values={"weight_faceidv2": 1.5}, file=name)
+    out, report = mig.migrate(w.wf)
+    got = _fused_values(_node(out, ids["apply"]["id"]))
+    options = FaceOptions(structure=got["face_structure"], structure_weight=got["face_structure_weight"],
+                          adapter_name=name)
+    for default in (True, False):
+        spec = types.SimpleNamespace(face=types.SimpleNamespace(shortcut="choice", shortcut_default=default))
+        assert shortcut_scale(spec, options) == (1.5 if "plusv2" in name.lower() else None), (name, default)
+    pinned = got["face_structure"] != "auto"
+    assert pinned == ("face_structure" in _notes(report, ids["apply"]["id"]))
+
+
+def test_faceid_names_of_plain_faceid_keep_auto(plus):
+    for name in ("ip-adapter-faceid_sd15.bin", "ip-adapter-faceid-portrait_sdxl_unnorm.bin"):
+        w, ids = _faceid_graph(plus, file=name)
+        out, _ = mig.migrate(w.wf)
+        assert _fused_values(_node(out, ids["apply"]["id"]))["face_structure"] == "auto"
+
+
+def test_faceid_lora_loader_is_named(plus):
+    """A LoRA loader with the published FaceID LoRA on the model path: the report says the pack applies the
+    file's own LoRA (skipping a duplicate it finds), and its strength becomes faceid_lora_strength."""
+    w, ids = _faceid_graph(plus, lora=(FACEID_LORA, 0.6))
+    out, report = mig.migrate(w.wf)
+    ap = _node(out, ids["apply"]["id"])
+    assert _fused_values(ap)["faceid_lora_strength"] == 0.6
+    notes = _notes(report, ap["id"])
+    assert f"#{ids['lora']['id']} LoraLoaderModelOnly loads {FACEID_LORA!r}" in notes and "can be removed" in notes
+    assert _node(out, ids["lora"]["id"]) == ids["lora"]  # the host's node is left to the user
+    assert _sources(out, ap)["model"] == (ids["lora"]["id"], 0, "MODEL")
+    _check_links(out)
+    w, ids = _faceid_graph(plus, lora=("add_detail.safetensors", 0.6))  # another LoRA: not the FaceID one
+    out, report = mig.migrate(w.wf)
+    ap = _node(out, ids["apply"]["id"])
+    assert _fused_values(ap)["faceid_lora_strength"] == 1.0
+    assert "LoraLoaderModelOnly" not in _notes(report, ap["id"])
+
+
+def _object_info(files=(), providers=("auto", "CPU", "CUDA"), packs=("buffalo_l", "antelopev2")):
+    """A host's declarations as the route passes them: the target nodes with this machine's lists."""
+    info = copy.deepcopy(mig.TARGET_NODES)
+    info["IPAdapterFusedLoader"]["input"]["required"]["ipadapter_file"] = [list(files)]
+    face = info[mig.INSIGHTFACE_TARGET]["input"]["required"]
+    face["provider"] = [list(providers), {"default": "auto"}]
+    face["model_pack"] = [list(packs)]
+    return info
+
+
+def test_insightface_loader_provider_and_pack(plus):
+    for theirs, info, ours in (("CPU", None, "CPU"), ("CUDA", None, "CUDA"), ("ROCM", None, "auto"),
+                               ("ROCM", _object_info(providers=("auto", "CPU", "CUDA", "ROCM")), "ROCM")):
+        w, ids = _faceid_graph(plus, face=(theirs, "buffalo_l"))
+        out, report = mig.migrate(w.wf, info)
+        assert _fused_values(_node(out, ids["face"]["id"]))["provider"] == ours
+        assert ("is not offered" in _notes(report, ids["face"]["id"])) == (ours == "auto")
+    w, ids = _faceid_graph(plus, face=("CPU", "antelopev2"))
+    out, report = mig.migrate(w.wf, _object_info(packs=("buffalo_l",)))
+    assert _fused_values(_node(out, ids["face"]["id"]))["model_pack"] == "antelopev2"
+    assert "models/insightface/models/antelopev2/" in _notes(report, ids["face"]["id"])
+
+
+@pytest.mark.parametrize("preset,file,lora", [("FACEID PLUS V2", PLUSV2, True),
+                                              ("FACEID", "ip-adapter-faceid_sd15.bin", True),
+                                              ("FACEID PORTRAIT (style transfer)",
+                                               "ip-adapter-faceid-portrait-v11_sd15.bin", False),
+                                              ("FACEID PORTRAIT UNNORM - SDXL only (strong)",
+                                               "ip-adapter-faceid-portrait_sdxl_unnorm.bin", False)])
+def test_unified_faceid_loader(plus, preset, file, lora):
+    """That pack's FaceID unified loader put the LoRA on the model and carried CLIP vision and InsightFace in
+    IPADAPTER: here the adapter loader plus a CLIP vision loader and an InsightFace loader wired to every
+    apply node it fed, the model straight on, lora_strength on the apply nodes. A second apply node without
+    weight_faceidv2 (IPAdapterAdvanced) gets that pack's default for it: twice its weight."""
+    w, ids = _faceid_graph(plus, values={"weight_faceidv2": 1.7}, face=None, clip_vision=False,
+                           unified={"preset": preset, "lora_strength": 0.45, "provider": "CUDA"})
+    adv = w.add("IPAdapterAdvanced", {"weight": 0.7})
+    ks_link = next(r for r in w.wf["links"] if r[3] == ids["ks"]["id"])
+    w.wf["links"].remove(ks_link)
+    ids["apply"]["outputs"][0]["links"].remove(ks_link[0])
+    ids["ks"]["inputs"][0]["link"] = None
+    w.link(ids["apply"], 0, adv, "model")
+    w.link(ids["loader"], 1, adv, "ipadapter")
+    w.link(ids["image"], 0, adv, "image")
+    w.link(adv, 0, ids["ks"], "model")
+    out, report = mig.migrate(w.wf)
+    ld = _node(out, ids["loader"]["id"])
+    assert ld["type"] == "IPAdapterFusedLoader" and ld["widgets_values"] == [file]
+    cv = next(n for n in out["nodes"] if n["type"] == "CLIPVisionLoader")
+    fl = next(n for n in out["nodes"] if n["type"] == mig.INSIGHTFACE_TARGET)
+    assert _fused_values(fl)["provider"] == "CUDA" and _fused_values(fl)["model_pack"] == "buffalo_l"
+    face_ap, adv_ap = _node(out, ids["apply"]["id"]), _node(out, adv["id"])
+    for ap, model_from, structure_weight in ((face_ap, ids["ckpt"]["id"], 1.7), (adv_ap, face_ap["id"], 1.4)):
+        src = _sources(out, ap)
+        assert src["model"] == (model_from, 0, "MODEL")
+        assert src["ipadapter"] == (ld["id"], 0, "IPADAPTER_FUSED")
+        assert src["clip_vision"] == (cv["id"], 0, "CLIP_VISION")
+        assert src["insightface"] == (fl["id"], 0, "IPAF_INSIGHTFACE")
+        got = _fused_values(ap)
+        assert (got["faceid_lora_strength"], got["face_structure_weight"]) == (0.45, structure_weight)
+        assert got["middle_block"] == COMPAT
+    assert "model" not in _sources(out, ld)
+    _check_links(out)
+    notes = _notes(report, ld["id"])
+    assert f"#{cv['id']}" in notes and f"#{fl['id']}" in notes and file in notes
+    assert ("lora_strength 0.45 became faceid_lora_strength" in notes) == lora
+    assert not report.left
+
+
+def test_unified_faceid_files_and_providers_of_this_host(plus):
+    """With the host's lists (the route), the preset takes the file there is, SD1.5 first (that pack
+    chose by the model; the report names the SDXL one), and DirectML becomes onnxruntime's 'Dml'."""
+    files = ("sub/ip-adapter-faceid-plusv2_sdxl.bin", "IP-Adapter-FaceID-PlusV2_SD15.safetensors",
+             "ip-adapter-faceid-plus_sd15.bin", "ip-adapter_sd15.bin")
+    info = _object_info(files=files, providers=("auto", "CPU", "CUDA", "Dml"))
+    unified = {"preset": "FACEID PLUS V2", "lora_strength": 0.6, "provider": "DirectML"}
+    w, ids = _faceid_graph(plus, face=None, clip_vision=False, unified=unified)
+    out, report = mig.migrate(w.wf, info)
+    assert _node(out, ids["loader"]["id"])["widgets_values"] == ["IP-Adapter-FaceID-PlusV2_SD15.safetensors"]
+    assert "on SDXL choose 'sub/ip-adapter-faceid-plusv2_sdxl.bin'" in _notes(report, ids["loader"]["id"])
+    fl = next(n for n in out["nodes"] if n["type"] == mig.INSIGHTFACE_TARGET)
+    assert _fused_values(fl)["provider"] == "Dml"
+    w, ids = _faceid_graph(plus, face=None, clip_vision=False, unified=unified)
+    out, report = mig.migrate(w.wf)  # static lists: no DirectML here
+    fl = next(n for n in out["nodes"] if n["type"] == mig.INSIGHTFACE_TARGET)
+    assert _fused_values(fl)["provider"] == "auto" and "'DirectML' is not offered" in _notes(report, ids["loader"]["id"])

@@ -872,9 +872,9 @@ class _Migration:
             notes.append("insightface is not connected (that pack needed it for FaceID files too): connect an "
                          "InsightFace Loader (Fused)")
         # face_structure: that pack reads V2 only from 'plusv2' in the file name
-        loader = g.nodes.get(src[0]) if src else None
-        if loader is not None and loader.get("type") == "IPAdapterModelLoader" and t != "IPAdapterFaceIDKolors":
-            name = str(self.values.get(loader["id"], {}).get("ipadapter_file", "")).lower()
+        file = self.values.get(src[0], {}).get("ipadapter_file") if src else None  # IPAdapterModelLoader's
+        if file is not None and t != "IPAdapterFaceIDKolors":
+            name = str(file).lower()
             theirs = "V2 (shortcut on)" if "plusv2" in name else "V1 (shortcut off)"
             ours = "V2 (shortcut on)" if "v2" in name else "V1 (shortcut off)" if "plus" in name else None
             not_plus = ours is None and ("portrait" in name or "faceid" in name)  # FaceID / Portrait: no shortcut
