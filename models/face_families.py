@@ -442,7 +442,8 @@ def detect_face_family(state: Mapping[str, Any]) -> AdapterSpec:
                         crop_size=_crop_size(arch, int(context)), token_width=c, embedding_width=e,
                         shortcut_default=True)
         clip_name = None
-    clip_name = clip_name or _HIDDEN_ENCODERS.get(dims["encoder_width"], f"CLIP vision of width {dims['encoder_width']}")
+    width = dims["encoder_width"]
+    clip_name = clip_name or _HIDDEN_ENCODERS.get(width, f"CLIP vision of width {width}")
     spec = AdapterSpec(layout="faceid-plus", tokens=tokens, context_dim=int(context), encoder_input="penultimate",
                        encoder_name=clip_name, num_layers=len(widths), layer_dims=widths, arch_hint=arch,
                        proj_hidden_dim=h, face=face, lora=lora, **dims)

@@ -25,7 +25,8 @@ class FaceIDMLP(nn.Module):
         super().__init__()
         self.tokens = tokens
         self.token_width = token_width
-        self.proj = nn.Sequential(nn.Linear(embedding_width, hidden), nn.GELU(), nn.Linear(hidden, tokens * token_width))
+        self.proj = nn.Sequential(nn.Linear(embedding_width, hidden), nn.GELU(),
+                                  nn.Linear(hidden, tokens * token_width))
         self.norm = nn.LayerNorm(token_width)
 
     def face_tokens(self, embeds: torch.Tensor) -> torch.Tensor:

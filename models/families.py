@@ -15,7 +15,8 @@ import torch
 
 from .loading import AdapterFormatError, _example_list, flatten_state, group_state
 
-__all__ = ["AdapterSpec", "EncoderPart", "FaceSpec", "LayersPart", "LoraSpec", "ProjectionPart", "detect_family", "expected_shapes", "HEAD_DIM", "LAYOUTS"]
+__all__ = ["AdapterSpec", "EncoderPart", "FaceSpec", "LayersPart", "LoraSpec", "ProjectionPart", "detect_family",
+           "expected_shapes", "HEAD_DIM", "LAYOUTS", "FACE_LAYOUTS"]
 
 # All published Plus-type resamplers use 64-wide heads; the head count is only recoverable
 # from the checkpoint because of that convention (rows of to_q / 64).

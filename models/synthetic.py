@@ -349,7 +349,9 @@ def face_adapter_spec(kind: str, arch: Optional[str] = None, size: str = "tiny",
     crop = 336 if kind == "kolors-faceid-plus" else (224 if (hint == "sd15" or (hint is None and c == 768)) else 256)
     e = FACE_EMBEDDING_WIDTH
     with_lora = lora if lora is not None else kind in ("faceid", "faceid-plus")
-    lora_spec = LoraSpec(rank=lora_rank or d["lora_rank"], processors=tuple(range(2 * len(dims)))) if with_lora else None
+    lora_spec = None
+    if with_lora:
+        lora_spec = LoraSpec(rank=lora_rank or d["lora_rank"], processors=tuple(range(2 * len(dims))))
     common = dict(context_dim=c, num_layers=len(dims), layer_dims=dims, arch_hint=hint, lora=lora_spec)
     if kind == "face-resampler":
         rd = resampler_dim or d["resampler_dim"]
@@ -373,14 +375,15 @@ def face_adapter_spec(kind: str, arch: Optional[str] = None, size: str = "tiny",
                         model_pack="antelopev2", shortcut_default=True)
         name = KOLORS_PLUS_ENCODER if cw == 1024 else None
     else:
-        face = FaceSpec(kind=kind, embedding="normed", uses_clip=True, shortcut="choice", crop_size=crop, token_width=tw,
-                        shortcut_default=True)
+        face = FaceSpec(kind=kind, embedding="normed", uses_clip=True, shortcut="choice", crop_size=crop,
+                        token_width=tw, shortcut_default=True)
         name = None
     return AdapterSpec(layout="faceid-plus", tokens=tokens or (6 if kolors else 4), encoder_width=cw,
                        encoder_input="penultimate",
                        encoder_name=name or _HIDDEN_ENCODERS.get(cw, f"CLIP vision of width {cw}"), proj_hidden_dim=h,
                        resampler_dim=tw, resampler_heads=heads or (tw // HEAD_DIM if size == "full" else 1),
-                       resampler_depth=depth or d["depth"], resampler_ff_dim=ff_dim or (4 * tw if size == "full" else 64),
+                       resampler_depth=depth or d["depth"],
+                       resampler_ff_dim=ff_dim or (4 * tw if size == "full" else 64),
                        face=face, **common)
 
 
