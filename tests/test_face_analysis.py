@@ -46,10 +46,10 @@ def _batch(*images) -> torch.Tensor:
 
 def _assert_box(face, x0, y0, side):
     cx, cy = (face.bbox[0] + face.bbox[2]) / 2, (face.bbox[1] + face.bbox[3]) / 2
-    tol = 0.15 * side + 3
+    tol = 0.04 * side + 2
     assert abs(cx - (x0 + side / 2)) < tol and abs(cy - (y0 + side / 2)) < tol, (face.bbox, (x0, y0, side))
     w, h = face.bbox[2] - face.bbox[0], face.bbox[3] - face.bbox[1]
-    assert 0.8 * side < w < 1.25 * side and 0.8 * side < h < 1.25 * side, (face.bbox, side)
+    assert 0.9 * side < w < 1.12 * side and 0.9 * side < h < 1.12 * side, (face.bbox, side)
 
 
 # Two "faces" of different sizes in a 256x320 image (at detection size 640: scale 2)
@@ -69,6 +69,20 @@ def test_faces_are_found_where_they_were_drawn(model):
         assert kps[0, 1] < kps[2, 1] < kps[3, 1] and kps[0, 0] < kps[1, 0]
 
 
+def test_one_box_per_square_across_the_detectors_size_range(model):
+    # BLOB_SIZE_RANGE (detection pixels) is what callers size their pictures by
+    lo, hi = tiny_faces.BLOB_SIZE_RANGE
+    for side in (lo, 33, 57, 90, 131, hi):
+        for off in (0, 11):
+            x0, y0 = 200 + off, 150 + 2 * off
+            bgr = np.ascontiguousarray(draw_faces(640, 640, [(x0, y0, side)])[..., ::-1])
+            found = model.detect(bgr, 640)
+            assert len(found) == 1, (side, off, [f[0] for f in found])
+            _assert_box(type("F", (), {"bbox": found[0][0]})(), x0, y0, side)
+    for side in (lo - 8, int(hi * 1.2)):
+        assert model.detect(np.ascontiguousarray(draw_faces(640, 640, [(150, 150, side)])[..., ::-1]), 640) == []
+
+
 def test_largest_face_by_default_or_the_index(model):
     images = _batch(TWO, draw_faces(256, 320, [SMALL, (150, 20, 64)]))
     largest = model.find_faces(images)
@@ -82,8 +96,10 @@ def test_largest_face_by_default_or_the_index(model):
 
 
 def test_embedding_is_the_recognizer_on_the_aligned_crop(model):
-    faces = model.find_faces(_batch(TWO)) + model.with_options(DetectOptions(pick="index", index=1)).find_faces(_batch(TWO))
-    bgr = np.ascontiguousarray(TWO[..., ::-1])
+    # squares of two colours: aligned, plain squares of one colour would give the same crop
+    two = draw_faces(256, 320, [BIG + ((250, 250, 250),), SMALL + ((255, 205, 230),)])
+    faces = model.find_faces(_batch(two)) + model.with_options(DetectOptions(pick="index", index=1)).find_faces(_batch(two))
+    bgr = np.ascontiguousarray(two[..., ::-1])
     refs = []
     for face in faces:
         crop = face_align.norm_crop(bgr, landmark=face.kps, image_size=112)

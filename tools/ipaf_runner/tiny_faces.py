@@ -9,8 +9,9 @@ FaceAnalysis / SCRFD / ArcFaceONNX code paths (detection decoding, NMS, alignmen
   (the anchor's size) with the ring around it (twice the size), so a blob is found where it is, at the
   scale that matches its size; a blank image gives nothing, and a blob much larger than the largest
   window (BLOB_SIZE_RANGE at the detection size) is only found when the image is detected at a
-  smaller size. The box is estimated from the brightness of the outer window (half-size =
-  window * sqrt(mean)), the 5 keypoints sit where ArcFace's template puts eyes, nose and mouth in it.
+  smaller size. The box comes from the outer window: half-size = window * sqrt(mean), offset from the
+  anchor from the mean of its right (bottom) half, so every anchor on one square gives the same box;
+  the 5 keypoints sit where ArcFace's template puts eyes, nose and mouth in it.
 - `w600k_r50.onnx`, a recognizer with ArcFace's signature (Nx3x112x112 -> Nx512): a fixed random
   linear map of the 8x8-average-pooled aligned crop, so different crops give different embeddings
   and a test can recompute it (`recognizer_matrix`).
@@ -27,7 +28,7 @@ DETECTOR_FILE = "det_10g.onnx"
 RECOGNIZER_FILE = "w600k_r50.onnx"
 TINY_PACK = "ipaf_tiny_faces"
 # Bump when the generated graphs change: callers cache packs by it.
-TINY_FACES_VERSION = 1
+TINY_FACES_VERSION = 2
 
 STRIDES = (8, 16, 32)
 # Window (anchor) sizes per stride in detection pixels, two anchors each, ratio about 1.5 so every blob
@@ -39,8 +40,10 @@ CELL = 4
 # scores >= 0.5, so a "face" is a near-white square on a near-black background (contrast > 0.6).
 GAIN = 12.0
 CONTRAST = 0.6
-# Square bright blob side lengths (detection pixels) a window finds: 0.85 * smallest .. 1.35 * largest.
-BLOB_SIZE_RANGE = (0.85 * WINDOWS[8][0], 1.35 * WINDOWS[32][1])
+# Side lengths (detection pixels) of the squares found, one box each, centre within 2 px and size within
+# 7 %, for draw_faces' default colours at every position (measured by sweeping sizes and offsets); a
+# dimmer square or a brighter background narrows it.
+BLOB_SIZE_RANGE = (20, 200)
 # ArcFace's 5-point template in a 112 crop (eyes, nose, mouth corners); keypoints are placed the same
 # way inside the estimated box.
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -82,6 +85,7 @@ def detector_model():
     const("ring_third", 1.0 / 3.0)
     const("contrast", CONTRAST)
     const("gain", GAIN)
+    const("eps", 1e-6)
     kps_unit = (ARCFACE_TEMPLATE / 112.0 - 0.5) * 2.0   # in units of the box half-size
     score_outs, box_outs, kps_outs = [], [], []
     for stride in STRIDES:
@@ -110,11 +114,34 @@ def detector_model():
             const(p + "w_over_s", float(w) / stride)
             nodes.append(helper.make_node("Sqrt", [p + "outer"], [p + "sqrt_o"], name=p + "sqrt"))
             nodes.append(helper.make_node("Mul", [p + "sqrt_o", p + "w_over_s"], [p + "half"], name=p + "half"))
-            const(p + "ones4", np.ones((1, 4, 1, 1)))
-            nodes.append(helper.make_node("Mul", [p + "half", p + "ones4"], [p + "box"], name=p + "box"))
+            # the blob's offset from the anchor, from the outer window's right (bottom) half: a b x b blob at
+            # dx gives right-half mean - left-half mean = b * dx / w^2, with left = 2 * outer - right and
+            # b = 2 w sqrt(outer): dx = (right - outer) * w / sqrt(outer). Every anchor on one blob then gives
+            # the same box, and NMS keeps one.
+            offsets = []
+            for axis, pads, kernel in (("x", [k, 0, k - cs, k - cs], [2 * k, k]),
+                                       ("y", [0, k, k - cs, k - cs], [k, 2 * k])):
+                q = p + axis
+                nodes.append(helper.make_node("AveragePool", ["cells"], [q + "hi"], kernel_shape=kernel,
+                                              strides=[cs, cs], pads=pads, count_include_pad=1, name=q + "hi_pool"))
+                nodes.append(helper.make_node("Sub", [q + "hi", p + "outer"], [q + "diff"], name=q + "diff"))
+                nodes.append(helper.make_node("Mul", [q + "diff", p + "w_over_s"], [q + "diff_w"], name=q + "diff_w"))
+                nodes.append(helper.make_node("Add", [p + "sqrt_o", "eps"], [q + "den"], name=q + "den"))
+                nodes.append(helper.make_node("Div", [q + "diff_w", q + "den"], [q + "off"], name=q + "off"))
+                offsets.append(q + "off")
+            dx, dy = offsets
+            # distances left, top, right, bottom from the anchor
+            for name, a_, b_ in (("l", p + "half", dx), ("t", p + "half", dy)):
+                nodes.append(helper.make_node("Sub", [a_, b_], [p + name], name=p + name))
+            for name, a_, b_ in (("r", p + "half", dx), ("b", p + "half", dy)):
+                nodes.append(helper.make_node("Add", [a_, b_], [p + name], name=p + name))
+            nodes.append(helper.make_node("Concat", [p + "l", p + "t", p + "r", p + "b"], [p + "box"], axis=1,
+                                          name=p + "box"))
             boxes.append(p + "box")
             const(p + "kps_unit", kps_unit.reshape(1, 10, 1, 1))
-            nodes.append(helper.make_node("Mul", [p + "half", p + "kps_unit"], [p + "kps"], name=p + "kps"))
+            nodes.append(helper.make_node("Mul", [p + "half", p + "kps_unit"], [p + "kps_c"], name=p + "kps_c"))
+            nodes.append(helper.make_node("Concat", [dx, dy] * 5, [p + "kps_off"], axis=1, name=p + "kps_off"))
+            nodes.append(helper.make_node("Add", [p + "kps_c", p + "kps_off"], [p + "kps"], name=p + "kps"))
             kpss.append(p + "kps")
         # (1, 2*k, H, W) -> (H*W*2, k): rows ordered by position then anchor, as SCRFD decodes them
         for group, width, outs in ((scores, 1, score_outs), (boxes, 4, box_outs), (kpss, 10, kps_outs)):
@@ -194,10 +221,12 @@ def write_pack(folder, name: str = TINY_PACK) -> Path:
     return pack
 
 
-def draw_faces(height: int, width: int, squares, background: int = 5, value: int = 250) -> np.ndarray:
-    """An RGB uint8 image: dark background with bright squares [(x0, y0, side), ...], the "faces" the tiny
-    detector finds."""
+def draw_faces(height: int, width: int, squares, background: int = 5, value=250) -> np.ndarray:
+    """An RGB uint8 image: dark background with bright squares [(x0, y0, side) or (x0, y0, side, rgb), ...],
+    the "faces" the tiny detector finds. Aligned, two plain squares give the same crop; a colour of its own
+    (mean brightness above ~0.85) gives a square an embedding of its own."""
     img = np.full((height, width, 3), background, dtype=np.uint8)
-    for x0, y0, side in squares:
-        img[y0:y0 + side, x0:x0 + side] = value
+    for square in squares:
+        x0, y0, side = square[:3]
+        img[y0:y0 + side, x0:x0 + side] = square[3] if len(square) > 3 else value
     return img
