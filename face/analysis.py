@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .install import FaceSetupError, choose_providers, require_face_packages, short_name
+from .install import FaceSetupError, choose_providers, full_name, require_face_packages, short_name
 from .model_folder import diagnose
 
 log = logging.getLogger("ipadapter_fused.face")
@@ -236,7 +236,7 @@ def load_face_analysis(model_dir: str, provider_choice: str, options: DetectOpti
     with _cache_lock:
         loaded = _cache.get(key)
         if loaded is None:
-            fell_back = provider_choice != "auto" and short_name(provider_choice) != chosen  # already logged
+            fell_back = provider_choice != "auto" and short_name(full_name(provider_choice)) != chosen  # logged
             loaded = _load(model_dir, name, providers, chosen, quiet=fell_back)
             for old in [k for k in _cache if k[:2] == key[:2]]:  # files changed on disk: drop the old sessions
                 del _cache[old]

@@ -26,7 +26,10 @@ ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-dire
                              "onnxruntime-rocm", "onnxruntime-silicon", "onnxruntime-qnn", "onnxruntime-training")
 # Node choices -> onnxruntime provider names. "auto" takes the first available of AUTO_ORDER.
 AUTO = "auto"
-AUTO_ORDER = ("CUDA", "ROCM", "DML", "CoreML", "CPU")
+AUTO_ORDER = ("CUDA", "ROCM", "Dml", "CoreML", "CPU")
+# Names users (and ComfyUI_IPAdapter_plus) give providers -> onnxruntime's short names
+ALIASES = {"directml": "Dml", "dml": "Dml", "rocm": "ROCM", "cuda": "CUDA", "cpu": "CPU", "coreml": "CoreML",
+           "openvino": "OpenVINO", "tensorrt": "Tensorrt"}
 # Providers that do not run the model on this machine (Azure calls a remote endpoint).
 NOT_COMPUTE = {"AzureExecutionProvider"}
 
@@ -119,8 +122,10 @@ def short_name(provider: str) -> str:
 
 
 def full_name(choice: str) -> str:
-    """'CUDA' -> 'CUDAExecutionProvider' (a full name is kept)."""
-    return choice if choice.endswith("ExecutionProvider") else choice + "ExecutionProvider"
+    """'CUDA' -> 'CUDAExecutionProvider', 'DirectML' -> 'DmlExecutionProvider' (a full name is kept)."""
+    if choice.endswith("ExecutionProvider"):
+        return choice
+    return ALIASES.get(choice.lower(), choice) + "ExecutionProvider"
 
 
 def available_providers() -> list[str]:

@@ -82,8 +82,12 @@ class IPAdapterFusedInsightFaceLoader:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_pack, det_size):
+    def VALIDATE_INPUTS(cls, model_pack, provider, det_size):
+        # `provider` is named here so that any value passes the host's list check: a workflow saved where
+        # onnxruntime offered e.g. TensorRT runs elsewhere on the CPU, saying so once in the log.
         problems = []
+        if not isinstance(provider, str) or not provider:
+            problems.append("provider must be a name such as auto, CPU or CUDA")
         missing = missing_packages()
         if missing:
             problems.append(f"Face analysis needs the Python package(s) {', '.join(missing)}. {install_hint()}")

@@ -86,6 +86,11 @@ def test_auto_prefers_the_gpu_and_keeps_cpu_behind_it(caplog):
         assert choose_providers("CPU", available=[CPU, CUDA]) == ([CPU], "CPU")
         assert choose_providers("OpenVINO", available=["OpenVINOExecutionProvider", CPU]) == \
             (["OpenVINOExecutionProvider", CPU], "OpenVINO")
+        # ComfyUI_IPAdapter_plus's names for the same providers
+        assert choose_providers("DirectML", available=["DmlExecutionProvider", CPU]) == \
+            (["DmlExecutionProvider", CPU], "Dml")
+        assert choose_providers("auto", available=["DmlExecutionProvider", CPU]) == \
+            (["DmlExecutionProvider", CPU], "Dml")
     assert not [r for r in caplog.records if r.name == "ipadapter_fused.face"]
 
 
@@ -125,7 +130,7 @@ def test_pack_imports_and_face_nodes_explain_without_the_face_packages(tmp_path)
             load_face_analysis({str(pack)!r}, "auto", DetectOptions())
         except FaceSetupError as exc:
             print("ERROR:", exc)
-        msg = loader.VALIDATE_INPUTS("buffalo_l", 640)
+        msg = loader.VALIDATE_INPUTS("buffalo_l", "auto", 640)
         print("VALIDATE:", msg)
         assert not any(m.split(".")[0] in BLOCK for m in sys.modules)
     """)

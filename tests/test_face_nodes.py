@@ -63,16 +63,19 @@ def test_pack_list_and_diagnosis_before_the_run(host_models):
     required = Loader.INPUT_TYPES()["required"]
     assert required["model_pack"][0] == ["antelopev2", "buffalo_l"]
     assert required["provider"][0][:3] == ["auto", "CPU", "CUDA"]
-    assert Loader.VALIDATE_INPUTS("buffalo_l", 640) is True
-    msg = Loader.VALIDATE_INPUTS("antelopev2", 640)
+    assert Loader.VALIDATE_INPUTS("buffalo_l", "auto", 640) is True
+    msg = Loader.VALIDATE_INPUTS("antelopev2", "CPU", 640)
     assert "one folder too deep" in msg and nested.as_posix() in msg
-    assert "multiple of 32" in Loader.VALIDATE_INPUTS("buffalo_l", 600)
+    assert "multiple of 32" in Loader.VALIDATE_INPUTS("buffalo_l", "auto", 600)
+    # a provider this onnxruntime does not offer (saved elsewhere) passes: it runs on the CPU at load
+    assert "TensorRT" not in required["provider"][0]
+    assert Loader.VALIDATE_INPUTS("buffalo_l", "TensorRT", 640) is True
 
 
 def test_no_pack_anywhere_still_offers_the_known_names(host_models):
     from ipadapter_fused.nodes.face_nodes import IPAdapterFusedInsightFaceLoader as Loader
     assert Loader.INPUT_TYPES()["required"]["model_pack"][0] == ["buffalo_l", "antelopev2"]
-    assert "does not download itself" in Loader.VALIDATE_INPUTS("buffalo_l", 640)
+    assert "does not download itself" in Loader.VALIDATE_INPUTS("buffalo_l", "auto", 640)
 
 
 def test_loader_and_crops_nodes(host_models):
