@@ -82,14 +82,16 @@ class FaceFound:
         return float(max(0.0, self.bbox[2] - self.bbox[0]) * max(0.0, self.bbox[3] - self.bbox[1]))
 
 
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, H, W, C) float 0..1 RGB(A) -> (N, H, W, 3) uint8 RGB, the way ComfyUI packs save images."""
+def images_to_uint8(images: torch.Tensor, bgr: bool = False) -> np.ndarray:
+    """(N, H, W, C) float 0..1 RGB(A) -> (N, H, W, 3) uint8 RGB (BGR with `bgr`, what insightface reads),
+    truncated the way ComfyUI packs convert images."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"face analysis expects an IMAGE batch (N, H, W, 3), got {shape}")
     x = images[..., :3] if images.shape[-1] != 1 else images.expand(*images.shape[:-1], 3)
     # numpy, single-threaded: torch's threaded elementwise ops cost more than they save on images this size
-    x = x.detach().to("cpu", torch.float32).numpy() * 255.0
+    x = x.detach().to("cpu", torch.float32).numpy()
+    x = (x[..., ::-1] if bgr else x) * 255.0     # a new C-contiguous array either way
     return np.clip(x, 0, 255, out=x).astype(np.uint8)
 
 
@@ -159,13 +161,13 @@ class FaceAnalysisModel:
         before giving up. Images without the face are left out when options.on_missing == "skip"; otherwise
         a ValueError names the image. No face in any image is always an error."""
         opts = self.options
-        rgb = images_to_uint8(images)
-        n = rgb.shape[0]
+        bgrs = images_to_uint8(images, bgr=True)
+        n = bgrs.shape[0]
         sizes = detection_sizes(opts.det_size)
         want = opts.face_rank
         result, problems = [], []
         for i in range(n):
-            bgr = np.ascontiguousarray(rgb[i][..., ::-1])
+            bgr = bgrs[i]
             most, chosen = 0, None
             for size in sizes:
                 faces = self.detect(bgr, size)
