@@ -157,6 +157,93 @@ def test_converted_graph_samples_the_same_latent(both_packs):
     assert float((patched - want).abs().max()) > 10 * LATENT_BOUND * max(scale, 1.0)
 
 
+def _tiny_faceid_plus(path: Path) -> Path:
+    """A random FaceID Plus adapter in the published key layout, sized for the tiny SD1.5 UNet (320 channels
+    in every layer) and the tiny CLIP vision model's 1024-wide penultimate states."""
+    import dataclasses
+
+    import torch
+    from ipadapter_fused.models.families import expected_shapes
+    from ipadapter_fused.models.synthetic import face_adapter_spec, write_state
+    from ipaf_runner import tiny_models
+
+    # that pack builds its projection with the published sizes (MLP 1024, 4 perceiver layers of 12 heads)
+    spec = face_adapter_spec("faceid-plus", "sd15", "tiny", clip_width=1024, hidden=1024, heads=12, depth=4,
+                             ff_dim=3072)
+    spec = dataclasses.replace(spec, layer_dims=tuple(tiny_models.SC_LAYER_DIMS))
+    g = torch.Generator().manual_seed(11)
+    state = {}
+    for key, shape in expected_shapes(spec).items():
+        noise = torch.randn(shape, generator=g)
+        state[key] = noise / shape[-1] ** 0.5 if len(shape) == 2 or key.endswith("latents") else (
+            1.0 + 0.1 * noise if key.endswith(".weight") else 0.05 * noise)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_state(path, state, nested=True)
+    return path
+
+
+def test_converted_faceid_graph_samples_the_same_latent(both_packs):
+    """IPAdapterModelLoader + IPAdapterInsightFaceLoader + IPAdapterFaceID (FaceID Plus V2, weight_faceidv2 not
+    the default) on that pack, then converted: the same latent once the LoRA held in the file is off (that
+    graph loaded none; the report says so, and with it on the latent moves). The same tiny InsightFace pack
+    (named buffalo_l, one of that pack's two choices) serves both packs' loaders."""
+    from ipaf_runner import tiny_faces
+
+    server = both_packs
+    names = server.names
+    work = server.work / "faceid"
+    tiny_faces.write_pack(server.server.model_dir("insightface"), "buffalo_l")
+    adapter = server.add_model("ipadapter", _tiny_faceid_plus(work / "ipaf_tiny_faceid-plusv2_sd15.bin"))
+    picture = work / "ipaf_face.png"
+    from PIL import Image
+    Image.fromarray(tiny_faces.draw_faces(128, 128, [(30, 34, 40)])).save(picture)
+    face_image = server.upload_image(picture)
+    server.refresh_object_info()
+
+    g = FrontEndGraph(server.object_info)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=names.checkpoint)
+    pos, neg = g.add("CLIPTextEncode", text="a portrait"), g.add("CLIPTextEncode", text="blurry")
+    for n in (pos, neg):
+        g.link(ckpt, 1, n, "clip")
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    loader = g.add("IPAdapterModelLoader", ipadapter_file=adapter)
+    cv = g.add("CLIPVisionLoader", clip_name=names.clip_vision)
+    face = g.add("IPAdapterInsightFaceLoader", provider="CPU", model_name="buffalo_l")
+    image = g.add("LoadImage", image=face_image)
+    ap = g.add("IPAdapterFaceID", weight=0.9, weight_faceidv2=1.7, weight_type="linear", combine_embeds="concat",
+               start_at=0.0, end_at=1.0, embeds_scaling="V only")
+    for src, slot, name in ((ckpt, 0, "model"), (loader, 0, "ipadapter"), (image, 0, "image"), (cv, 0, "clip_vision"),
+                            (face, 0, "insightface")):
+        g.link(src, slot, ap, name)
+    ks = g.add("KSampler", seed=3, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    for src, name in ((ap, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        g.link(src, 0, ks, name)
+    save = g.add("SaveLatent", filename_prefix="migrate_faceid")
+    g.link(ks, 0, save, "samples")
+    want = run_workflow(server, g.wf)
+
+    status, answer = server.client.post_json("/ipadapter_fused/migrate", {"workflow": g.wf})
+    assert status == 200, answer
+    report = answer["report"]
+    assert {(c["type"], c["target"]) for c in report["converted"]} == {
+        ("IPAdapterModelLoader", "IPAdapterFusedLoader"), ("IPAdapterFaceID", "IPAdapterFusedApply"),
+        ("IPAdapterInsightFaceLoader", "IPAdapterFusedInsightFaceLoader")} and not report["left"]
+    assert "no FaceID LoRA was loaded" in report["text"]
+    prompt = convert.workflow_to_prompt(answer["workflow"], server.object_info)
+    apply = next(n for n in prompt.values() if n["class_type"] == "IPAdapterFusedApply")["inputs"]
+    assert (apply["middle_block"], apply["face_structure_weight"], apply["faceid_lora_strength"]) == (COMPAT, 1.7, 1.0)
+    with_lora = run_prompt(server, prompt)
+    apply["faceid_lora_strength"] = 0.0  # as the report says, for that graph's exact pictures
+    got = run_prompt(server, prompt)
+
+    scale = float(want.abs().max())
+    err = float((got - want).abs().max())
+    print(f"FaceID converted vs original latent: max difference {err:.3g} (max|latent| {scale:.3g}); "
+          f"bit-identical: {bool((got == want).all())}")
+    assert err <= LATENT_BOUND * max(scale, 1.0), f"max difference {err:.3g} of max|latent| {scale:.3g}"
+    assert float((with_lora - want).abs().max()) > 10 * LATENT_BOUND * max(scale, 1.0)
+
+
 def test_route_refuses_what_is_not_a_workflow(both_packs):
     client = both_packs.client
     for body in ({"workflow": {"nodes": "x"}}, {"1": {"class_type": "KSampler", "inputs": {}}}):
