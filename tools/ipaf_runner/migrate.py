@@ -6,8 +6,12 @@ POST /ipadapter_fused/migrate route (the front-end's "Convert IPAdapter_plus nod
 The front end stores widget values by position, so each node's values are read by the widget
 order of that pack's declaration (PLUS_NODES, as in its INPUT_TYPES) and written in the order of
 this pack's (TARGET_NODES, or the running host's declarations when given). Links keep their
-slot by input/output name; IPADAPTER links become IPADAPTER_FUSED. Apply nodes get
-middle_block = "skip (IPAdapter_plus compatible)", which reproduces that pack's pictures.
+slot by input/output name; IPADAPTER links become IPADAPTER_FUSED, INSIGHTFACE IPAF_INSIGHTFACE. Apply
+nodes get middle_block = "skip (IPAdapter_plus compatible)", which reproduces that pack's pictures.
+FaceID: what that pack carried inside IPADAPTER (CLIP vision, InsightFace) or put on the model (the FaceID
+unified loader's LoRA) becomes loader nodes wired to each apply node, and apply-node settings
+(faceid_lora_strength); what only a file name decided there (the V2 shortcut) is set where this pack
+could decide otherwise; a FaceID LoRA loader on the model path is named in the report.
 A node with no equivalent is left in place and named in the report with the reason; so is
 anything that would break if converted (an adapter loader also feeding a node that stays).
 """
@@ -324,6 +328,11 @@ _PROVIDERS = {"CPU": "CPU", "CUDA": "CUDA", "ROCM": "ROCM", "DirectML": "Dml", "
 # A LoRA file published for a FaceID adapter (ip-adapter-faceid-plusv2_sd15_lora.safetensors, ...)
 _FACEID_LORA = re.compile(r"faceid.*lora", re.IGNORECASE)
 _LORA_LOADERS = {"LoraLoaderModelOnly", "LoraLoader"}  # the host's: lora_name, strength_model first
+
+
+def _bare(file_name) -> str:
+    """'sub/IP-Adapter-FaceID-PlusV2_SD15.bin' -> 'subipadapterfaceidplusv2sd15' (name matching)."""
+    return re.sub(r"[^a-z0-9]", "", str(file_name).lower().rsplit(".", 1)[0])
 
 
 # -- the graph ------------------------------------------------------------------------------------------
@@ -779,7 +788,7 @@ class _Migration:
             if published is None:
                 return None
             for ending in _FACEID_FILE_ENDINGS[published]:
-                hits = [c for c in choices if re.sub(r"[^a-z0-9]", "", str(c).lower().rsplit(".", 1)[0]).endswith(ending)]
+                hits = [c for c in choices if _bare(c).endswith(ending)]
                 if hits:
                     return hits[0]
             return None
@@ -886,9 +895,9 @@ class _Migration:
         lora = self._faceid_lora_loader(node)
         if lora is not None:
             lnode, lname, strength = lora
-            notes.append(f"#{lnode['id']} {lnode.get('type')} loads {lname!r} on this model: this pack applies the LoRA "
-                         "held inside the FaceID file itself, and skips its own when it finds the same LoRA already "
-                         "loaded, so that loader can be removed"
+            notes.append(f"#{lnode['id']} {lnode.get('type')} loads {lname!r} on this model: this pack applies "
+                         "the LoRA held inside the FaceID file itself, and skips its own when it finds the same LoRA "
+                         "already loaded, so that loader can be removed"
                          + (f" (faceid_lora_strength is set to its strength_model {strength})"
                             if strength is not None and unified is None else ""))
             if strength is not None and unified is None:
