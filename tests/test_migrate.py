@@ -777,7 +777,10 @@ def test_unified_faceid_loader(plus, preset, file, lora):
     w.link(ids["loader"], 1, adv, "ipadapter")
     w.link(ids["image"], 0, adv, "image")
     w.link(adv, 0, ids["ks"], "model")
+    direct = w.add("KSampler", {"seed": 6})  # takes the loader's model (with the LoRA, in that pack) itself
+    w.link(ids["loader"], 0, direct, "model")
     out, report = mig.migrate(w.wf)
+    assert _sources(out, _node(out, direct["id"]))["model"] == (ids["ckpt"]["id"], 0, "MODEL")
     ld = _node(out, ids["loader"]["id"])
     assert ld["type"] == "IPAdapterFusedLoader" and ld["widgets_values"] == [file]
     cv = next(n for n in out["nodes"] if n["type"] == "CLIPVisionLoader")
@@ -798,6 +801,7 @@ def test_unified_faceid_loader(plus, preset, file, lora):
     notes = _notes(report, ld["id"])
     assert f"#{cv['id']}" in notes and f"#{fl['id']}" in notes and file in notes
     assert ("lora_strength 0.45 became faceid_lora_strength" in notes) == lora
+    assert (f"#{direct['id']} KSampler took the model with the FaceID LoRA" in notes) == lora
     assert not report.left
 
 
@@ -817,4 +821,5 @@ def test_unified_faceid_files_and_providers_of_this_host(plus):
     w, ids = _faceid_graph(plus, face=None, clip_vision=False, unified=unified)
     out, report = mig.migrate(w.wf)  # static lists: no DirectML here
     fl = next(n for n in out["nodes"] if n["type"] == mig.INSIGHTFACE_TARGET)
-    assert _fused_values(fl)["provider"] == "auto" and "'DirectML' is not offered" in _notes(report, ids["loader"]["id"])
+    assert _fused_values(fl)["provider"] == "auto"
+    assert "'DirectML' is not offered" in _notes(report, ids["loader"]["id"])

@@ -813,6 +813,8 @@ class _Migration:
         values = self.values[nid]
         preset = str(values.get("preset", ""))
         file, file_note = self._faceid_file(preset)
+        others = [t for t, _, _ in g.consumers(nid, 0)
+                  if t.get("type") != "Reroute" and not (t["id"] in self.plan and t.get("type") in APPLY_TYPES)]
         self._bypass_model(nid)
         chained = g.input_link(node, "ipadapter")
         g.drop_link(g.input_link(node, "model"))
@@ -836,6 +838,10 @@ class _Migration:
                                "this pack applies the LoRA held inside the FaceID file (no LoRA file needed)")
         if provider_note:
             entry.notes.append(provider_note)
+        if others and "portrait" not in preset.lower():
+            entry.notes.append(f"{', '.join('#%s %s' % (t['id'], t.get('type')) for t in others)} took the model with "
+                               "the FaceID LoRA from that loader and now takes it without (this pack's apply node puts "
+                               "the LoRA on the model it gives out)")
         if chained is not None:
             entry.notes.append("its ipadapter input (a pipeline from another unified loader) has no counterpart "
                                "here; its link is removed")
