@@ -773,8 +773,9 @@ class _Migration:
         match = next((c for c in choices if str(c).lower() == str(want).lower()), None)
         if match is not None:
             return match, None
-        return "auto", (f"provider {theirs!r} is not offered by the onnxruntime installed here; 'auto' takes the GPU "
-                        "provider when there is one, else the CPU")
+        # the loader accepts a name its list lacks (a workflow from another machine) and runs on the CPU then
+        return want, (f"provider {want!r} is not offered by the onnxruntime installed here: the face models run on "
+                      "the CPU (the log says so) until a build with it is installed; or choose auto")
 
     def _faceid_file(self, preset):
         """(ipadapter_file, note) for a FaceID unified preset: the matching file among this host's, else the
