@@ -13,10 +13,14 @@ in the converted prompt only, binds the public names to tiny files (as the runne
 - InstantID's IdentityNet: a tiny SDXL ControlNet in the host's layout (tools/ipaf_runner/tiny_controlnet.py);
 - 64 px pictures and 2 steps.
 
-Kolors: its three ComfyUI-Kolors-MZ nodes are swapped, in the loaded workflow before conversion, for the
-test-only stand-ins of tests/server/ipaf_test_probe/face_stand_ins.py (same input names; a tiny SDXL UNet
-carrying Kolors' `encoder_hid_proj`, and a text stand-in for ChatGLM3). Every other node is the host's or
-the pack's own.
+Stand-ins (tests/server/ipaf_test_probe/face_stand_ins.py, same input names), swapped in the loaded workflow
+before conversion:
+- Kolors: its three ComfyUI-Kolors-MZ nodes (a tiny SDXL UNet carrying Kolors' `encoder_hid_proj`, and a text
+  stand-in for ChatGLM3);
+- SDXL: CheckpointLoaderSimple (the tiny SDXL UNet and TAESD through the host's checkpoint loader, and a text
+  stand-in of SDXL's widths for CLIP-L + CLIP-G, whose fixed 694 M-parameter CLIP-G would take most of this
+  test's time; tests/server/test_workflows.py runs sdxl_basic.json with the real ones).
+Every other node is the host's or the pack's own.
 
 Each run must save a non-blank picture and show the face crops (or keypoints) it used, one per face; a second
 run without the face node (the sampler fed by the model loader and the text encoders directly) must give a
@@ -48,7 +52,8 @@ FACES = ((30, 34, 40), (52, 20, 34), (16, 60, 46))
 CLIP_WIDTH = 1024   # the tiny CLIP vision file has the ViT-L layout (server.names.clip_vision)
 SD15_DIMS = tuple(tiny_models.SC_LAYER_DIMS)
 SDXL_DIMS = tuple(tiny_models.SC_SDXL_LAYER_DIMS)
-KOLORS_UNET = "ipaf_tiny_sdxl_unet.safetensors"
+SDXL_FILE = "ipaf_tiny_sdxl_unet_taesd.safetensors"   # no text encoders (see the stand-ins)
+SDXL_SWAPS = {"CheckpointLoaderSimple": "IPAFTestTinySDXLCheckpoint"}
 
 
 def _stand_ins():
@@ -89,6 +94,12 @@ def _face_adapter(path: Path, kind: str, arch: str, layer_dims: tuple, **dims) -
     return path
 
 
+def _write_sdxl_without_text(path: Path) -> None:
+    sd = tiny_models.sdxl_unet_state()
+    sd.update({"first_stage_model." + k: v for k, v in tiny_models.taesd_state().items()})
+    tiny_models._save(sd, path)
+
+
 def _face_picture(path: Path, square) -> Path:
     Image.fromarray(tiny_faces.draw_faces(PICTURE, PICTURE, [square])).save(path)
     return path
@@ -115,12 +126,13 @@ def face_names(server):
     }
     for role, (path, kind, arch, dims, extra) in adapters.items():
         names[role] = server.add_model("ipadapter", _face_adapter(path, kind, arch, dims, **extra))
-    names["sdxl"] = server.add_model("checkpoints", tiny_models.sdxl_models(server.work)["checkpoints"][0])
-    names["controlnet"] = server.add_model(
-        "controlnet", tiny_controlnet.write_tiny_sdxl_controlnet(work / "ipaf_tiny_instantid_controlnet.safetensors"))
-    unet = tiny_models._cached(cache / "diffusion_models" / KOLORS_UNET, "SDXL-layout UNet alone (Kolors stand-in)",
-                               lambda p: tiny_models._save(tiny_models.sdxl_unet_state(prefix=""), p))
-    names["kolors-unet"] = server.add_model("diffusion_models", unet)
+    sdxl = tiny_models._cached(cache / "checkpoints" / SDXL_FILE, "SDXL-layout UNet and TAESD, no text encoders",
+                               _write_sdxl_without_text)
+    names["sdxl"] = server.add_model("checkpoints", sdxl)
+    names["controlnet"] = server.add_model("controlnet", tiny_models._cached(
+        cache / "controlnet" / "ipaf_tiny_sdxl_controlnet.safetensors", "SDXL ControlNet layout (IdentityNet stand-in)",
+        tiny_controlnet.write_tiny_sdxl_controlnet))
+    names["kolors-unet"] = server.add_model("diffusion_models", sdxl)  # the host's UNet loader reads the UNet keys
     tiny_models.write_taesd_pair(server.server.model_dir("vae_approx"), "taesdxl", latent_channels=4)
     names["kolors-vae"] = "taesdxl"
     server.refresh_object_info()
@@ -163,8 +175,9 @@ def tiny_prompt(name, server, names) -> dict:
     workflow = convert.load_workflow(ROOT / "workflows" / name)
     swapped = [n for n in workflow["nodes"] if n["type"] in MZ_STAND_INS]
     assert bool(swapped) == (name == "kolors_faceid.json"), "only the Kolors workflow uses ComfyUI-Kolors-MZ nodes"
-    for node in swapped:
-        node["type"] = MZ_STAND_INS[node["type"]]
+    swaps = dict(MZ_STAND_INS, **(SDXL_SWAPS if ckpt == "sdxl" else {}))
+    for node in workflow["nodes"]:
+        node["type"] = swaps.get(node["type"], node["type"])
     prompt = convert.workflow_to_prompt(workflow, server.object_info)
     loads = _ids(prompt, "LoadImage")
     assert len(loads) == pictures, f"{name}: {len(loads)} reference pictures"
@@ -177,7 +190,9 @@ def tiny_prompt(name, server, names) -> dict:
     for nid in _ids(prompt, "CLIPVisionLoader"):
         sets.append(f"{nid}.clip_name={server.names.clip_vision}")
     for nid in _ids(prompt, "CheckpointLoaderSimple"):
-        sets.append(f"{nid}.ckpt_name={server.names.checkpoint if ckpt == 'sd15' else names['sdxl']}")
+        sets.append(f"{nid}.ckpt_name={server.names.checkpoint}")
+    for nid in _ids(prompt, "IPAFTestTinySDXLCheckpoint"):
+        sets.append(f"{nid}.ckpt_name={names['sdxl']}")
     for nid in _ids(prompt, "ControlNetLoader"):
         sets.append(f"{nid}.control_net_name={names['controlnet']}")
     for nid in _ids(prompt, "IPAFTestKolorsUNetLoader"):
@@ -218,8 +233,8 @@ def test_face_workflow_runs_headless(server, face_names, name):
     assert len(public) >= 4
     assert not public & {v for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str)}, \
         json.dumps(prompt)[:600]
-    # the tiny SDXL checkpoint's text encoders are ~3 GB: free them after the SDXL cases, but not between the
-    # two that load the same checkpoint (the second then reuses the host's cached loader outputs)
+    # SDXL-sized models (1.1 GB in float32): free them after the SDXL cases, but not between the two that
+    # load the same checkpoint (the second then reuses the host's cached loader outputs)
     free_after = CASES[name][0] != "sd15" and name != "faceid_sdxl_references.json"
     try:
         result = server.run_ok(prompt)

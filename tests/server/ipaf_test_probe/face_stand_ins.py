@@ -1,4 +1,5 @@
-"""Test-only stand-ins for the Kolors loaders of ComfyUI-Kolors-MZ (never shipped with the pack).
+"""Test-only stand-ins for the Kolors loaders of ComfyUI-Kolors-MZ and for SDXL's text encoders (never
+shipped with the pack).
 
 The host (0.3.64) has no Kolors model of its own; users load Kolors with the MinusZoneAI ComfyUI-Kolors-MZ
 nodes, and workflows/kolors_faceid.json uses them. tests/server/test_face_workflows.py swaps exactly those
@@ -17,6 +18,13 @@ every other node is the host's or the pack's own:
   the text) in the host's format: context TEXT_WIDTH wide (what the UNet's encoder_hid_proj reads) and a
   pooled output as wide as the tiny SDXL model's label embedding expects (1280; Kolors' own is 4096 with a
   wider label embedding, which the host's SDXL class cannot be given).
+
+SDXL workflows (faceid_sdxl_references.json, instantid_sdxl.json): CheckpointLoaderSimple -> IPAFTestTinySDXLCheckpoint.
+SDXL's text encoders are CLIP-L and CLIP-G (694 M parameters, the host's config is fixed), most of the tiny
+SDXL checkpoint's 2.2 GB and of the time its runs take; tests/server/test_workflows.py runs sdxl_basic.json
+with them. This node loads a tiny SDXL file holding the UNet and a TAESD VAE through the host's own
+load_checkpoint_guess_config (output_clip=False) and returns a text encoder that gives random but
+deterministic conditioning (seeded by the text) of SDXL's widths: context 2048, pooled 1280.
 """
 from __future__ import annotations
 
@@ -70,6 +78,42 @@ class IPAFTestKolorsUNetLoader:
         return (model,)
 
 
+class _StandInTextEncoder:
+    """What CLIPTextEncode calls on a CLIP: tokenize(text), then encode_from_tokens_scheduled(tokens)."""
+
+    def __init__(self, context_dim: int, pooled_dim: int = SDXL_POOLED, tokens: int = TEXT_TOKENS):
+        self.context_dim, self.pooled_dim, self.tokens = context_dim, pooled_dim, tokens
+
+    def tokenize(self, text, **kwargs):
+        return str(text)
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        import torch
+        g = torch.Generator().manual_seed(zlib.crc32(tokens.encode("utf-8")))
+        cond = torch.randn(1, self.tokens, self.context_dim, generator=g)
+        extra = {"pooled_output": torch.randn(1, self.pooled_dim, generator=g)}
+        extra.update(add_dict or {})
+        return [[cond, extra]]
+
+
+class IPAFTestTinySDXLCheckpoint:
+    CATEGORY = "ipaf_test"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),)}}
+
+    def load(self, ckpt_name):
+        import comfy.sd
+        import folder_paths
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        model, _, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=False)[:3]
+        return (model, _StandInTextEncoder(SDXL_CONTEXT), vae)
+
+
 class _StandInChatGLM3:
     def __init__(self, name: str):
         self.name = name
@@ -99,10 +143,7 @@ class IPAFTestKolorsChatGLM3Text:
         return {"required": {"chatglm3_model": ("CHATGLM3MODEL",), "text": ("STRING", {"multiline": True})}}
 
     def encode(self, chatglm3_model, text):
-        import torch
-        g = torch.Generator().manual_seed(zlib.crc32(str(text).encode("utf-8")))
-        cond = torch.randn(1, TEXT_TOKENS, TEXT_WIDTH, generator=g)
-        return ([[cond, {"pooled_output": torch.randn(1, SDXL_POOLED, generator=g)}]],)
+        return (_StandInTextEncoder(TEXT_WIDTH).encode_from_tokens_scheduled(str(text)),)
 
 
 # workflow node type (ComfyUI-Kolors-MZ) -> stand-in
@@ -110,6 +151,7 @@ MZ_STAND_INS = {"MZ_KolorsUNETLoaderV2": "IPAFTestKolorsUNetLoader",
                 "MZ_ChatGLM3Loader": "IPAFTestKolorsChatGLM3Loader",
                 "MZ_ChatGLM3_V2": "IPAFTestKolorsChatGLM3Text"}
 
-NODE_CLASS_MAPPINGS = {"IPAFTestKolorsUNetLoader": IPAFTestKolorsUNetLoader,
+NODE_CLASS_MAPPINGS = {"IPAFTestTinySDXLCheckpoint": IPAFTestTinySDXLCheckpoint,
+                       "IPAFTestKolorsUNetLoader": IPAFTestKolorsUNetLoader,
                        "IPAFTestKolorsChatGLM3Loader": IPAFTestKolorsChatGLM3Loader,
                        "IPAFTestKolorsChatGLM3Text": IPAFTestKolorsChatGLM3Text}
