@@ -46,8 +46,9 @@ HERE = Path(__file__).resolve().parent
 SIZE = 64
 STEPS = 2
 PICTURE = 128
-# (x0, y0, side) of the one bright square in each reference picture: a size the tiny detector finds at
-# the default detection size (tiny_faces.BLOB_SIZE_RANGE after scaling to 640)
+# (x0, y0, side) of the one bright square in each reference picture, sizes the tiny detector finds
+# (tiny_faces.BLOB_SIZE_RANGE after scaling to the detection size): the first two at 640, the third only
+# on the loader's retry at 576
 FACES = ((30, 34, 40), (52, 20, 34), (16, 60, 46))
 CLIP_WIDTH = 1024   # the tiny CLIP vision file has the ViT-L layout (server.names.clip_vision)
 SD15_DIMS = tuple(tiny_models.SC_LAYER_DIMS)
