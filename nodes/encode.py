@@ -4,6 +4,7 @@ adapter's projection network."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -135,6 +136,24 @@ def negative_convention(spec) -> str:
     return "black image" if spec.encoder_input == "penultimate" else "zeros"
 
 
+# clip_vision -> {(output, pooled): encoding of a black image}: the default negative of the hidden-state
+# families is the same for every apply of one encoder, and one encoder forward is most of an apply's time on
+# a CPU (a ViT-H/14 pass at 224 px). Weakly keyed, so an unloaded encoder takes its entries with it.
+_black_encodings: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _black_image_encoding(clip_vision, what: str, pooled: bool, encode) -> torch.Tensor:
+    try:
+        known = _black_encodings.setdefault(clip_vision, {})
+    except TypeError:  # not weakly referenceable: no cache
+        known = {}
+    key = (what, pooled)
+    if key not in known:
+        size = getattr(clip_vision, "image_size", 224)
+        known[key] = encode(torch.zeros(1, size, size, 3)).detach()
+    return known[key]
+
+
 def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Optional[torch.Tensor]):
     """Positive and negative encoder outputs for the adapter described by `spec`.
 
@@ -167,8 +186,7 @@ def encode_images(clip_vision, spec, image: torch.Tensor, image_negative: Option
     if image_negative is not None:
         neg = encode(image_negative)
     elif convention == "black image":
-        size = getattr(clip_vision, "image_size", 224)
-        neg = encode(torch.zeros(1, size, size, 3))
+        neg = _black_image_encoding(clip_vision, what, pooled, encode)
     elif convention == "positive":
         neg = pos
     else:

@@ -50,7 +50,12 @@ PICTURE = 128
 # (tiny_faces.BLOB_SIZE_RANGE after scaling to the detection size): the first two at 640, the third only
 # on the loader's retry at 576
 FACES = ((30, 34, 40), (52, 20, 34), (16, 60, 46))
-CLIP_WIDTH = 1024   # the tiny CLIP vision file has the ViT-L layout (server.names.clip_vision)
+# Tiny CLIP towers (2 layers, width 64) in the host's key layout, loaded by the pack's own CLIP vision loader,
+# which builds sizes the host has no config for from the file's shapes (the host's CLIPVisionLoader accepts
+# full ViT-L and larger only, whose CPU encoding took most of this test's time); swapped in for the
+# workflows' CLIPVisionLoader with the same input
+CLIP_WIDTH = 64
+CLIP_SWAPS = {"CLIPVisionLoader": "IPAdapterFusedClipVisionLoader"}
 SD15_DIMS = tuple(tiny_models.SC_LAYER_DIMS)
 SDXL_DIMS = tuple(tiny_models.SC_SDXL_LAYER_DIMS)
 SDXL_FILE = "ipaf_tiny_sdxl_unet_taesd.safetensors"   # no text encoders (see the stand-ins)
@@ -133,6 +138,11 @@ def face_names(server):
     names["controlnet"] = server.add_model("controlnet", tiny_models._cached(
         cache / "controlnet" / "ipaf_tiny_sdxl_controlnet.safetensors", "SDXL ControlNet layout (IdentityNet stand-in)",
         tiny_controlnet.write_tiny_sdxl_controlnet))
+    for role, size in (("clip", 224), ("clip336", 336)):
+        path = work / f"ipaf_tiny_clip_vision_{size}.safetensors"
+        tiny_models._save(tiny_models.clip_vision_state(width=CLIP_WIDTH, layers=2, intermediate=128, image_size=size,
+                                                        projection=32, seed=size), path)
+        names[role] = server.add_model("clip_vision", path)
     names["kolors-unet"] = server.add_model("diffusion_models", sdxl)  # the host's UNet loader reads the UNet keys
     tiny_models.write_taesd_pair(server.server.model_dir("vae_approx"), "taesdxl", latent_channels=4)
     names["kolors-vae"] = "taesdxl"
@@ -176,7 +186,7 @@ def tiny_prompt(name, server, names) -> dict:
     workflow = convert.load_workflow(ROOT / "workflows" / name)
     swapped = [n for n in workflow["nodes"] if n["type"] in MZ_STAND_INS]
     assert bool(swapped) == (name == "kolors_faceid.json"), "only the Kolors workflow uses ComfyUI-Kolors-MZ nodes"
-    swaps = dict(MZ_STAND_INS, **(SDXL_SWAPS if ckpt == "sdxl" else {}))
+    swaps = dict(MZ_STAND_INS, **CLIP_SWAPS, **(SDXL_SWAPS if ckpt == "sdxl" else {}))
     for node in workflow["nodes"]:
         node["type"] = swaps.get(node["type"], node["type"])
     prompt = convert.workflow_to_prompt(workflow, server.object_info)
@@ -188,8 +198,8 @@ def tiny_prompt(name, server, names) -> dict:
             f"{_only(prompt, 'EmptyLatentImage')}.height={SIZE}",
             f"{_only(prompt, 'KSampler')}.steps={STEPS}"]
     sets += [f"{nid}.image={face}" for nid, face in zip(loads, names["faces"])]
-    for nid in _ids(prompt, "CLIPVisionLoader"):
-        sets.append(f"{nid}.clip_name={server.names.clip_vision}")
+    for nid in _ids(prompt, "IPAdapterFusedClipVisionLoader"):
+        sets.append(f"{nid}.clip_name={names['clip336' if name.startswith('kolors') else 'clip']}")
     for nid in _ids(prompt, "CheckpointLoaderSimple"):
         sets.append(f"{nid}.ckpt_name={server.names.checkpoint}")
     for nid in _ids(prompt, "IPAFTestTinySDXLCheckpoint"):
