@@ -5,7 +5,7 @@ takes every node's size as the front-end computes it and the widget values it ho
 to a node since the workflow was saved gets its default), then moves nodes down their column until
 none overlaps another. The browser test fails while a shipped workflow has overlapping nodes.
 
-    COMFYUI_PATH=../shared/host/ComfyUI python tools/relayout_workflows.py
+    COMFYUI_PATH=../shared/host/ComfyUI python tools/relayout_workflows.py [workflow.json ...]
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ def main() -> int:
     try:
         browser.call("Page.navigate", url=f"http://127.0.0.1:{host.port}/")
         browser.wait_for("!!window.LiteGraph?.registered_node_types?.IPAdapterFusedApply", timeout=60)
+        only = set(sys.argv[1:])  # workflow file names; all when none are given
         for path in sorted((ROOT / "workflows").glob("*.json")):
+            if only and path.name not in only:
+                continue
             wf = json.loads(path.read_text())
             drawn = browser.js(f"""(async () => {{
               const app = window.comfyAPI.app.app;
