@@ -196,6 +196,11 @@ class IPAdapterFusedSimple:
 
     def apply(self, model, image, ipadapter_file, clip_vision_file, weight, weight_type, start_at, end_at):
         adapter = load_adapter(ipadapter_file)
+        if getattr(adapter.spec, "face", None) is not None:  # before loading a CLIP vision model for nothing
+            raise ValueError(
+                f"{ipadapter_file} is a {adapter.spec.family_name}: it reads a face identity embedding from an "
+                "InsightFace model, which this all-in-one node has no input for. Use 'Apply IPAdapter (Fused)' with "
+                "'InsightFace Loader (Fused)' connected to its insightface input (or 'InstantID (Fused)' for InstantID)")
         clip_vision = resolve_clip_vision(adapter.spec, clip_vision_file)
         return (apply_adapter(model, adapter, clip_vision, image, weight, weight_type, start_at, end_at),)
 

@@ -41,3 +41,20 @@ def test_a_missing_encoder_in_an_empty_folder(folders):
     assert "was not found in the 'clip_vision' model folder" in msg and "it holds no files yet" in msg
     both = IPAdapterFusedSimple.VALIDATE_INPUTS("gone.safetensors", "also-gone.safetensors")
     assert "'gone.safetensors'" in both and "'also-gone.safetensors'" in both
+
+
+def test_all_in_one_node_sends_face_adapters_to_the_apply_node(monkeypatch):
+    from ipadapter_fused.models.synthetic import face_adapter_spec
+    from ipadapter_fused.nodes import ipadapter_nodes
+
+    class Loaded:
+        spec = face_adapter_spec("faceid", "sd15")
+
+    def no_clip_vision(*a, **k):
+        raise AssertionError("no CLIP vision model is loaded for a face adapter")
+
+    monkeypatch.setattr(ipadapter_nodes, "load_adapter", lambda name: Loaded())
+    monkeypatch.setattr(ipadapter_nodes, "resolve_clip_vision", no_clip_vision)
+    with pytest.raises(ValueError, match="InsightFace Loader"):
+        IPAdapterFusedSimple().apply(None, None, "ip-adapter-faceid_sd15.bin", "auto (by content)", 1.0, "linear",
+                                     0.0, 1.0)
