@@ -7,7 +7,6 @@ the positive and negative encoder outputs the adapter's projection reads; the ap
 that is the same for every family."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -15,7 +14,6 @@ import torch
 
 from .encode import check_image, encode_images
 
-log = logging.getLogger("ipadapter_fused")
 
 FACE_STRUCTURE = ("auto", "V2 (shortcut on)", "V1 (shortcut off)")
 FACE_EMBEDDING = ("auto", "normed", "raw")
@@ -61,14 +59,14 @@ class Encoded:
 
 
 def _face_embedding_mode(spec, options: FaceOptions) -> str:
+    """The family's convention ('auto'), or the user's override: the two references of a family can
+    differ (Kolors' own pipeline feeds FaceID-Plus the raw embedding, ComfyUI_IPAdapter_plus the normed
+    one), so matching pictures made elsewhere may need the other one."""
     wanted = spec.face.embedding
-    if wanted != "choice":
-        if options.embedding not in ("auto", wanted):
-            log.warning("ipadapter_fused: %s reads the %s identity embedding; face_embedding=%r ignored",
-                        spec.family_name, wanted, options.embedding)
-        return wanted
     if options.embedding != "auto":
         return options.embedding
+    if wanted != "choice":
+        return wanted
     return "raw" if "unnorm" in options.adapter_name.lower() else "normed"
 
 

@@ -54,9 +54,10 @@ def face_widgets():
                                   "tooltip": "Weight of the V2 shortcut (the face structure): higher keeps the "
                                              "face's shape closer to the reference."}),
         "face_embedding": (list(FACE_EMBEDDING), {"default": "auto",
-                           "tooltip": "Normed or raw identity embedding, for the families whose files exist in both "
-                                      "kinds with the same keys (FaceID Portrait SDXL); 'auto' reads 'unnorm' in the "
-                                      "file name. The other families fix it."}),
+                           "tooltip": "The identity embedding as the family was trained on it ('auto': normed for "
+                                      "FaceID, FaceID Plus and Portrait; raw for InstantID, Portrait unnorm and Kolors "
+                                      "FaceID-Plus), or forced: e.g. 'normed' on Kolors FaceID-Plus reproduces "
+                                      "ComfyUI_IPAdapter_plus, which norms it where Kolors' own pipeline does not."}),
         "faceid_lora_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
                                  "tooltip": "FaceID and FaceID Plus files carry a LoRA for the model that they were "
                                             "trained with; it is applied automatically at this strength (no separate "
