@@ -623,7 +623,9 @@ def test_faceid_apply_converts(plus, apply_type):
     for name in ("weight", "weight_type", "combine_embeds", "start_at", "end_at", "embeds_scaling"):
         assert got[name] == values[name], name
     assert got["face_structure_weight"] == values["weight_faceidv2"]
-    assert (got["middle_block"], got["face_structure"], got["face_embedding"]) == (COMPAT, "auto", "auto")
+    # that pack norms the embedding of every family but Portrait unnorm; this pack feeds Kolors FaceID-Plus raw
+    want_embedding = "normed" if kolors else "auto"
+    assert (got["middle_block"], got["face_structure"], got["face_embedding"]) == (COMPAT, "auto", want_embedding)
     assert got["faceid_lora_strength"] == 1.0
     assert _fused_values(fl) == {"model_pack": face[1], "provider": face[0], "det_size": 640, "face": "largest",
                                  "face_index": 0, "if_no_face": "error"}

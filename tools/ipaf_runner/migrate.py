@@ -277,7 +277,9 @@ RULES = {
     "IPAdapterMS": Rule("IPAdapterFusedApply", {**_FACE_INPUTS, "layer_weights": "layer_weights"},
                         _compatible(), _refuse_faceid),
     "IPAdapterFaceID": Rule("IPAdapterFusedApply", _FACE_INPUTS, _compatible(), _refuse_faceid),
-    "IPAdapterFaceIDKolors": Rule("IPAdapterFusedApply", _FACE_INPUTS, _compatible(), _refuse_faceid,
+    # that pack norms the Kolors FaceID-Plus embedding (Kolors' own pipeline feeds it raw, this pack's default)
+    "IPAdapterFaceIDKolors": Rule("IPAdapterFusedApply", _FACE_INPUTS,
+                                  _compatible(lambda v: {"face_embedding": "normed"}), _refuse_faceid,
                                   drops=("weight_kolors",)),
     "IPAdapterInsightFaceLoader": Rule(INSIGHTFACE_TARGET, {"model_name": "model_pack"}),
     # becomes IPAdapterFusedLoader + CLIPVisionLoader + the InsightFace loader (convert_unified_faceid)
