@@ -32,20 +32,8 @@ for p in (ROOT / "tools", ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from bench_regions import BUSY_LOAD, _load_pack  # noqa: E402  (the pack imported by path, the quiet-machine bound)
 from bench_server import cpu_model  # noqa: E402
-
-BUSY_LOAD = 1.5   # load average (1 min) above which a 2-core machine does not count as quiet
-
-
-def _load_pack():
-    if "ipadapter_fused" in sys.modules:
-        return
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ipadapter_fused", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ipadapter_fused"] = mod
-    spec.loader.exec_module(mod)
 
 
 def _timed(fn, repeats: int) -> dict:

@@ -28,7 +28,20 @@ deterministic conditioning (seeded by the text) of SDXL's widths: context 2048, 
 """
 from __future__ import annotations
 
-import zlib
+import importlib.util
+from pathlib import Path
+
+
+def _dit_stand_ins():
+    # by path: tests/server/test_face_workflows.py loads this file alone, outside the probe package
+    spec = importlib.util.spec_from_file_location("ipaf_dit_stand_ins", Path(__file__).with_name("dit_stand_ins.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# random but deterministic conditioning seeded by the text, in the host's format (shared with the Flux stand-ins)
+_StandInTextEncoder = _dit_stand_ins()._StandInTextEncoder
 
 TEXT_WIDTH = 256       # the tiny Kolors FaceID adapter's token width (models/synthetic.py, size "tiny")
 SDXL_CONTEXT = 2048
@@ -78,24 +91,6 @@ class IPAFTestKolorsUNetLoader:
         return (model,)
 
 
-class _StandInTextEncoder:
-    """What CLIPTextEncode calls on a CLIP: tokenize(text), then encode_from_tokens_scheduled(tokens)."""
-
-    def __init__(self, context_dim: int, pooled_dim: int = SDXL_POOLED, tokens: int = TEXT_TOKENS):
-        self.context_dim, self.pooled_dim, self.tokens = context_dim, pooled_dim, tokens
-
-    def tokenize(self, text, **kwargs):
-        return str(text)
-
-    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
-        import torch
-        g = torch.Generator().manual_seed(zlib.crc32(tokens.encode("utf-8")))
-        cond = torch.randn(1, self.tokens, self.context_dim, generator=g)
-        extra = {"pooled_output": torch.randn(1, self.pooled_dim, generator=g)}
-        extra.update(add_dict or {})
-        return [[cond, extra]]
-
-
 class IPAFTestTinySDXLCheckpoint:
     CATEGORY = "ipaf_test"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
@@ -111,7 +106,7 @@ class IPAFTestTinySDXLCheckpoint:
         import folder_paths
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         model, _, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=False)[:3]
-        return (model, _StandInTextEncoder(SDXL_CONTEXT), vae)
+        return (model, _StandInTextEncoder(SDXL_CONTEXT, SDXL_POOLED, TEXT_TOKENS), vae)
 
 
 class _StandInChatGLM3:
@@ -143,7 +138,7 @@ class IPAFTestKolorsChatGLM3Text:
         return {"required": {"chatglm3_model": ("CHATGLM3MODEL",), "text": ("STRING", {"multiline": True})}}
 
     def encode(self, chatglm3_model, text):
-        return (_StandInTextEncoder(TEXT_WIDTH).encode_from_tokens_scheduled(str(text)),)
+        return (_StandInTextEncoder(TEXT_WIDTH, SDXL_POOLED, TEXT_TOKENS).encode_from_tokens_scheduled(str(text)),)
 
 
 # workflow node type (ComfyUI-Kolors-MZ) -> stand-in
